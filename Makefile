@@ -1,0 +1,39 @@
+# distill_cli — every setup step lives here, so a fresh clone (and CI) needs nothing done by hand.
+# `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DISTILL := $(VENV)/bin/distill
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS=":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# torch/torchvision come from this machine's disk (pip's find-links); pinning them first
+	# keeps pip from resolving a multi-GB download.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv with torch 2.14.1 and distill_cli[dev]
+
+data: install  ## make Fashion-MNIST available (local, Debian package, or torchvision download)
+	$(PY) -m distill_cli.data.fetch fashion_mnist
+
+run: install data  ## the main job: the recipe `make_run` (teacher, then a KD student)
+	$(DISTILL) recipe=make_run
+
+test: install data  ## the test suite (~10 min on 2 cores); slow tests: make test-slow
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+test-slow: install data  ## also the slow, longer real-data tests
+	$(PY) -m pytest -q -n 2 -m "slow or not slow" $(PYTEST_ARGS)
+
+clean:  ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache
+
+.PHONY: help install data run test test-slow clean

@@ -1,0 +1,88 @@
+"""The single call site of `hydra.utils.instantiate`.
+
+Every `_target_` in a config is checked against an allow-list first, so a config file can
+only construct this package's components and torch optimizers — never arbitrary callables.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import hydra.utils
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .errors import UserError
+
+ALLOWED_PREFIXES = ("distill_cli.", "torch.optim.")
+# Keys of the teacher node that describe where its weights come from, not the architecture.
+TEACHER_SOURCE_KEYS = ("checkpoint",)
+
+
+def _check_targets(node: Any, key: str) -> None:
+    if isinstance(node, DictConfig):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(ALLOWED_PREFIXES):
+            raise UserError(f"`_target_: {target}` is not allowed", f"{key}._target_",
+                            "Configs may only build distill_cli components and torch.optim "
+                            f"optimizers (prefixes {', '.join(ALLOWED_PREFIXES)})")
+        for k, v in node.items():
+            _check_targets(v, f"{key}.{k}")
+    elif isinstance(node, ListConfig):
+        for i, v in enumerate(node):
+            _check_targets(v, f"{key}[{i}]")
+
+
+def instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Instantiate `node` (the config at `key`) after the allow-list check."""
+    _check_targets(node, key)
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        cause = exc
+        while getattr(cause, "__cause__", None) is not None:  # Hydra wraps the real error
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, (TypeError, ValueError)):
+            raise UserError(f"Cannot build `{key}`: {cause}", key,
+                            f"Check the options under `{key}` (`distill --cfg job` prints them)"
+                            ) from exc
+        raise
+
+
+def model_node(node: DictConfig) -> DictConfig | None:
+    """The architecture part of a teacher/student node, or None for `none`."""
+    if node.get("arch") is None:
+        return None
+    plain = OmegaConf.to_container(node, resolve=True)
+    for k in TEACHER_SOURCE_KEYS:
+        plain.pop(k, None)
+    return OmegaConf.create(plain)
+
+
+def build_model(node: DictConfig, key: str, data) -> Any:
+    arch = model_node(node)
+    return instantiate(arch, key, num_classes=data.num_classes,
+                       in_channels=data.input_shape[0], input_size=tuple(data.input_shape[1:]))
+
+
+def build_data(node: DictConfig):
+    return instantiate(node, "dataset")
+
+
+def build_objective(node: DictConfig):
+    return instantiate(node, "loss")
+
+
+def build_optimizer(node: DictConfig, params):
+    return instantiate(node, "optimizer")(params)
+
+
+def build_scheduler(node: DictConfig, optimizer, steps_per_epoch: int, epochs: int):
+    return instantiate(node, "scheduler")(optimizer, steps_per_epoch=steps_per_epoch,
+                                          epochs=epochs)
+
+
+def build_logger(node: DictConfig, **kwargs):
+    return instantiate(node, "logger")(**kwargs)

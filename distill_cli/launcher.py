@@ -1,0 +1,217 @@
+"""run(cfg): validate → build → fit → evaluate → summarise. One call per run dir."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__, checkpoint
+from .build import (build_data, build_logger, build_model, build_objective, build_optimizer,
+                    build_scheduler, model_node)
+from .engine import Engine, score
+from .errors import UserError
+from .runs import check_run_dir, resolve_resume
+from .teachers import load_teacher
+from .tracking import ConsoleReporter, MetricsFile, read_json, write_json
+
+# Keys that may differ when a run is continued (they do not change what is computed).
+RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.log_every_n_steps",
+                    "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger")
+
+
+class RunInterrupted(Exception):
+    """Training stopped early (signal or `trainer.stop_at_step`); last.pt is on disk."""
+
+    def __init__(self, exit_code: int, run_dir: Path):
+        self.exit_code, self.run_dir = exit_code, run_dir
+        super().__init__(f"interrupted; resume with hydra.run.dir={run_dir} trainer.resume=auto")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks of values a user types, before anything expensive happens."""
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
+                "optimizer.lr"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"`{key}` must be a positive number, got {value!r}", key,
+                            f"Pass e.g. {key}=" + ("0.05" if key == "optimizer.lr" else "10"))
+    if str(cfg.trainer.precision) not in ("32", "bf16"):
+        raise UserError(f"trainer.precision={cfg.trainer.precision} is not supported",
+                        "trainer.precision", "Use 32 or bf16")
+    if cfg.trainer.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"trainer.device={cfg.trainer.device} is not supported",
+                        "trainer.device", "Use auto, cpu or cuda")
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but no CUDA device is available", "trainer.device",
+                        "Use trainer.device=auto or cpu")
+    if model_node(cfg.student) is None:
+        raise UserError("student=none: a run needs a student to train", "student",
+                        "Pick an architecture, e.g. student=resnet8")
+
+
+def check_same_run(cfg: DictConfig, ckpt: dict) -> None:
+    """Continuing a run with different settings would silently mix two experiments."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    then = ckpt["config"]
+    diffs = [k for k in _flat_keys(now) | _flat_keys(then)
+             if not k.startswith(RESUME_FREE_KEYS) and _get(now, k) != _get(then, k)
+             and k != "trainer.epochs"]
+    if diffs:
+        shown = ", ".join(f"{k}: {_get(then, k)!r} → {_get(now, k)!r}" for k in sorted(diffs)[:6])
+        raise UserError(f"The checkpoint was trained with different settings ({shown})",
+                        "trainer.resume", "Repeat the original overrides when resuming "
+                        f"(they were: {' '.join(ckpt.get('overrides', [])) or 'none'})")
+
+
+def _flat_keys(d: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        keys |= _flat_keys(v, key + ".") if isinstance(v, dict) and v else {key}
+    return keys
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _hydra_context() -> tuple[list[str], str | None]:
+    if not HydraConfig.initialized():
+        return [], None
+    hc = HydraConfig.get()
+    group = str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    return list(hc.overrides.task), group
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = None) -> dict:
+    started = time.time()
+    validate(cfg)
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    continuing = check_run_dir(run_dir, cfg.trainer.resume)
+    resume_path = resolve_resume(run_dir, cfg.trainer.resume)
+    resumed = checkpoint.load(resume_path, "trainer.resume") if resume_path else None
+    if resumed is not None:
+        check_same_run(cfg, resumed)
+    overrides, group = _hydra_context()
+    objective = build_objective(cfg.loss)
+    if objective.needs_teacher and model_node(cfg.teacher) is None:
+        raise UserError(f"loss={type(objective).__name__} distils from a teacher but "
+                        "teacher=none", "teacher",
+                        "Name a teacher and its weights (teacher=resnet20 "
+                        "teacher.checkpoint=<run>/checkpoints/best.pt), or use loss=ce")
+
+    device = pick_device(cfg.trainer.device)
+    data = build_data(cfg.dataset).to(device)
+    torch.manual_seed(int(cfg.seed))
+    student = build_model(cfg.student, "student", data).to(device)
+    teacher = load_teacher(cfg.teacher, data, device)
+    objective.to(device)
+    params = list(student.parameters()) + list(objective.parameters())
+    optimizer = build_optimizer(cfg.optimizer, params)
+    steps_per_epoch = data.train.num_batches(int(cfg.trainer.batch_size), train=True)
+    if steps_per_epoch == 0:
+        raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the "
+                        f"{len(data.train)} training examples", "trainer.batch_size",
+                        "Lower trainer.batch_size or raise dataset.limit_train")
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch,
+                                int(cfg.trainer.epochs))
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    previous = (read_json(run_dir / "summary.json") or {}) if continuing else {}
+    logger = build_logger(cfg.logger, run_dir=run_dir, config=resolved,
+                          name=str(run_dir), group=group,
+                          run_id=resumed.get("wandb_id") if continuing and resumed else None)
+    summary = {"status": "running", "seed": int(cfg.seed), "overrides": overrides,
+               "git": checkpoint.git_revision(), "run_dir": str(run_dir),
+               "dataset": data.name, "student": cfg.student.arch,
+               "teacher": cfg.teacher.get("arch"), "loss": cfg.loss._target_.rsplit(".", 1)[-1],
+               "wandb_id": logger.run_id}
+    write_json(run_dir / "summary.json", summary)
+    reporter = ConsoleReporter(steps_per_epoch * int(cfg.trainer.epochs), tty=tty)
+    meta = {"config": resolved, "overrides": overrides,
+            "model_config": OmegaConf.to_container(model_node(cfg.student)),
+            "data": {"name": data.name, "num_classes": data.num_classes,
+                     "input_shape": list(data.input_shape)},
+            "git": summary["git"], "code_version": __version__}
+    engine = Engine(student=student, teacher=teacher, objective=objective, data=data,
+                    optimizer=optimizer, scheduler=scheduler, trainer_cfg=cfg.trainer,
+                    seed=int(cfg.seed), device=device, run_dir=run_dir, reporter=reporter,
+                    logger=logger, checkpoint_meta=meta)
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    exit_code = 1
+    try:
+        if resumed is not None:
+            engine.restore(resumed)
+            metrics.truncate_after(engine.state.epoch)
+            reporter.stage(f"resumed from {resume_path} at epoch {engine.state.epoch + 1}, "
+                           f"step {engine.state.step}")
+
+        def on_epoch_end(row: dict) -> None:
+            metrics.append(row)
+            logger.log(row, engine.state.step)
+            reporter.epoch_end(row)
+
+        status = engine.fit(on_epoch_end)
+        wall = previous.get("wall_s", 0.0) + time.time() - started
+        summary.update({"epochs": engine.state.epoch, "step": engine.state.step,
+                        "best/epoch": engine.state.best_epoch,
+                        "best/val/acc1": engine.state.best_acc1,
+                        "train/images_per_s": engine.state.images_per_s, "wall_s": wall})
+        if status == "interrupted":
+            summary["status"] = "interrupted"
+            write_json(run_dir / "summary.json", summary)
+            signum = engine.stop.signum
+            exit_code = 128 + signum if signum else 3
+            reporter.stage(f"interrupted at step {engine.state.step}; last.pt written. Resume: "
+                           f"distill {' '.join(overrides)} hydra.run.dir={run_dir} "
+                           "trainer.resume=auto")
+            raise RunInterrupted(exit_code, run_dir)
+        summary.update(final_evaluation(engine, run_dir))
+        summary["status"] = "finished"
+        summary["wall_s"] = previous.get("wall_s", 0.0) + time.time() - started
+        write_json(run_dir / "summary.json", summary)
+        logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        reporter.summary_table(summary, title=str(run_dir))
+        exit_code = 0
+        return summary
+    except RunInterrupted:
+        raise
+    except BaseException as exc:
+        summary.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
+        write_json(run_dir / "summary.json", summary)
+        raise
+    finally:
+        logger.finish(exit_code)
+
+
+def final_evaluation(engine: Engine, run_dir: Path) -> dict:
+    """Test accuracy of the best (by val) and last weights, and of the teacher — once."""
+    out = {}
+    reference = None
+    if engine.teacher is not None:
+        reference, targets = engine.predict(engine.teacher, engine.data.test)
+        t = score(reference, targets)
+        out.update({f"teacher/test/{k}": v for k, v in t.items() if k != "n"})
+    last = engine.evaluate(engine.student, engine.data.test, reference)
+    out.update({f"last/test/{k}": v for k, v in last.items() if k != "n"})
+    best_state = checkpoint.load(run_dir / "checkpoints" / "best.pt", "trainer")["model"]
+    current = {k: v.clone() for k, v in engine.student.state_dict().items()}
+    engine.student.load_state_dict(best_state)
+    best = engine.evaluate(engine.student, engine.data.test, reference)
+    engine.student.load_state_dict(current)
+    out.update({f"best/test/{k}": v for k, v in best.items() if k != "n"})
+    return out

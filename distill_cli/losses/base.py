@@ -1,0 +1,40 @@
+"""The objective contract shared by every loss.
+
+An objective is an `nn.Module` called as `objective(student_logits, teacher_logits, targets, ctx)`
+and returning a dict of named scalar terms; `loss` is the one back-propagated, every term is
+logged. Anything the objective must remember across steps (schedules, momenta) lives in
+buffers, so it is saved in checkpoints through `state_dict()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where training is. `epoch` counts from 1 (DKD's warm-up convention)."""
+
+    epoch: int
+    step: int  # global optimizer step, 0-based, of the step being computed
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def epochs(self) -> int:
+        return self.total_steps // max(self.steps_per_epoch, 1)
+
+
+class Objective(nn.Module):
+    """Base class: subclasses set `needs_teacher` and implement `forward`."""
+
+    needs_teacher: bool = True
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                targets: torch.Tensor, ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_step(self, terms: dict[str, torch.Tensor], ctx: StepContext) -> None:
+        """Called once after each optimizer step (never in evaluation). Default: nothing."""

@@ -1,0 +1,15 @@
+"""The model zoo: `create(arch, num_classes, in_channels, input_size, **options)`.
+
+Every architecture registers itself in `ARCHS` when its family module is imported below; see
+`registry` for the contract every model satisfies (`stages`, `feature_dim`, `classifier`) and
+`FeatureTaps` for reading stage outputs.
+"""
+from distill_cli.models.registry import ARCHS, create, register
+from distill_cli.models.taps import FeatureTaps
+
+# Imported for their @register side effect; one module per family.
+from distill_cli.models import (  # noqa: E402,F401  isort: skip
+    cnn, cnn1d, mlp, mobilenetv2, resnet_cifar, shufflenetv1, shufflenetv2, tv, vgg, wrn,
+)
+
+__all__ = ["ARCHS", "FeatureTaps", "create", "register"]

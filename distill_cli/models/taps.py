@@ -1,0 +1,72 @@
+"""Read intermediate features of any model through forward hooks, without rewriting it.
+
+    with FeatureTaps(model, model.stages) as taps:
+        logits = model(x)
+        feats = [taps.outputs[p] for p in model.stages]   # e.g. [B, C_i, H_i, W_i] each
+
+Outputs keep their autograd graph (feature-distillation losses back-propagate through them)
+and are overwritten on every forward; `clear()` drops them to free memory early.
+"""
+from __future__ import annotations
+
+import difflib
+from functools import partial
+from typing import Any, Iterable
+
+from torch import nn
+
+from distill_cli.errors import UserError
+
+
+class FeatureTaps:
+    """Forward hooks on the modules at dotted `paths` (as in `model.named_modules()`).
+
+    `outputs[path]` holds what that module returned on the latest forward (a Tensor for every
+    zoo stage). Use as a context manager, or keep it and call `close()` to remove the hooks.
+    `key` is the config key named in the error raised for an unknown path.
+    """
+
+    def __init__(self, model: nn.Module, paths: Iterable[str], *, key: str | None = None):
+        self.paths = tuple(dict.fromkeys(paths))  # de-duplicated, order kept
+        self.outputs: dict[str, Any] = {}
+        self._handles = []
+        # Resolve every path before hooking any, so a bad path leaves the model untouched.
+        modules = [(p, _resolve(model, p, key)) for p in self.paths]
+        for path, module in modules:
+            self._handles.append(module.register_forward_hook(partial(self._store, path)))
+
+    def _store(self, path: str, module: nn.Module, args: tuple, output: Any) -> None:
+        self.outputs[path] = output
+
+    def __getitem__(self, path: str) -> Any:
+        return self.outputs[path]
+
+    def clear(self) -> None:
+        self.outputs.clear()
+
+    def close(self) -> None:
+        """Remove the hooks (idempotent); the model runs exactly as before."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> FeatureTaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _resolve(model: nn.Module, path: str, key: str | None) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        pass
+    stages = getattr(model, "stages", ())
+    names = [n for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(path, names, n=3)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    raise UserError(
+        f"The {type(model).__name__} model has no module {path!r} to tap", key=key,
+        fix=(f"{hint}Its declared stages are: {', '.join(stages) or '(none)'}; any dotted name "
+             f"from `model.named_modules()` works too (e.g. {names[0] if names else 'layer1'!r})"))

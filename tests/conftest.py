@@ -1,0 +1,44 @@
+"""Shared fixtures: compose real Hydra configs from conf/ and run them in-process."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from distill_cli.cli import CONF_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tests never talk to W&B servers; the offline-W&B test sets WANDB_MODE itself.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(1)  # pytest-xdist runs one worker per core
+
+# A tiny, fast run on sklearn digits (1x8x8, 10 classes): the integration tests' base.
+DIGITS = ["dataset=digits", "logger=none", "trainer.batch_size=64", "trainer.epochs=2",
+          "trainer.log_every_n_steps=5", "scheduler=none", "optimizer.lr=0.05"]
+
+
+def make_cfg(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def cfg_factory():
+    return make_cfg
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> Path:
+    """A resnet8 teacher trained on digits once per session; returns its best.pt."""
+    from distill_cli.launcher import run
+
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    run(make_cfg(DIGITS + ["student=resnet8", "loss=ce", "trainer.epochs=4"]), run_dir,
+        tty=False)
+    return run_dir / "checkpoints" / "best.pt"

@@ -1,0 +1,118 @@
+"""The `distill` command as a user runs it: help, config printing, completion, errors with
+exit code 2 and no traceback, a -m sweep, and SIGTERM → resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DIGITS
+
+DISTILL = str(Path(sys.executable).parent / "distill")
+GROUPS = ["teacher", "student", "loss", "dataset", "optimizer", "scheduler", "trainer", "logger"]
+
+
+def distill(*args, tmp_path, env=None, timeout=300, check_rc=None):
+    full_env = {**os.environ, "DISTILL_OUTPUTS": str(tmp_path / "outputs"),
+                "DISTILL_MULTIRUN": str(tmp_path / "multirun"), "WANDB_MODE": "disabled",
+                "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([DISTILL, *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_help_lists_every_group_with_its_options(tmp_path):
+    out = distill("--help", tmp_path=tmp_path, check_rc=0).stdout
+    for group in GROUPS:
+        assert f"{group}:" in out, group
+    for option in ("resnet32x4", "wrn_40_2", "fashion_mnist", "digits", "dkd", "adamw",
+                   "multistep", "wandb"):
+        assert option in out, option
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    out = distill("--cfg", "job", "student=wrn_16_2", "loss=dkd", tmp_path=tmp_path,
+                  check_rc=0).stdout
+    assert "arch: wrn_16_2" in out and "distill_cli.losses.dkd.DKD" in out and "seed: 0" in out
+
+
+def test_shell_completion_script(tmp_path):
+    out = distill("-sc", "install=bash", tmp_path=tmp_path, check_rc=0).stdout
+    assert "complete" in out and "distill" in out
+
+
+def test_unknown_group_option_exits_2_with_the_options(tmp_path):
+    proc = distill("loss=nope", tmp_path=tmp_path, check_rc=2)
+    assert "Could not find 'loss/nope'" in proc.stderr and "dkd" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_user_error_exits_2_with_one_paragraph(tmp_path):
+    proc = distill(*DIGITS, "loss=kd", tmp_path=tmp_path, check_rc=2)
+    assert proc.stderr.startswith("error: ") and "teacher" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n\n") == 0
+
+
+def test_explicit_run_dir_holding_a_finished_run_is_refused(tmp_path):
+    run_dir = tmp_path / "fixed"
+    args = [*DIGITS, "student=mlp", "loss=ce", "trainer.epochs=1", f"hydra.run.dir={run_dir}"]
+    distill(*args, tmp_path=tmp_path, check_rc=0)
+    hydra_cfg = (run_dir / ".hydra" / "config.yaml").read_bytes()
+    summary = (run_dir / "summary.json").read_bytes()
+    proc = distill(*args[:-2], "trainer.epochs=2", f"hydra.run.dir={run_dir}",
+                   tmp_path=tmp_path, check_rc=2)
+    assert "already holds a run" in proc.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_bytes() == hydra_cfg
+    assert (run_dir / "summary.json").read_bytes() == summary
+
+
+def test_sweep_makes_one_run_dir_per_job(tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    distill(*DIGITS, "student=resnet8", "loss=ce", "trainer.epochs=2",
+            f"hydra.run.dir={teacher_dir}", tmp_path=tmp_path, check_rc=0)
+    ckpt = teacher_dir / "checkpoints" / "best.pt"
+    distill("-m", *DIGITS, "teacher=resnet8", f"teacher.checkpoint={ckpt}", "student=mlp",
+            "trainer.epochs=1", "loss=ce,kd,dkd", "seed=0,1", tmp_path=tmp_path, check_rc=0)
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "multirun").rglob("summary.json")]
+    assert len(summaries) == 6
+    assert {(s["loss"], s["seed"]) for s in summaries} == {
+        (loss, seed) for loss in ("CrossEntropy", "KD", "DKD") for seed in (0, 1)}
+    assert all(s["status"] == "finished" for s in summaries)
+    assert len({s["run_dir"] for s in summaries}) == 6
+
+
+def test_sigterm_writes_last_and_resume_finishes(tmp_path):
+    run_dir = tmp_path / "long"
+    args = ["dataset=fake", "dataset.train_size=20000", "dataset.shape=[1,16,16]",
+            "logger=none", "student=mlp", "loss=ce", "trainer.epochs=50",
+            "trainer.batch_size=32", "trainer.log_every_n_steps=10", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "DISTILL_OUTPUTS": str(tmp_path / "o"), "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([DISTILL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "summary.json").exists():
+        time.sleep(0.2)
+    time.sleep(2.0)  # let it take some steps
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    import torch
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert state["step"] > 0
+    assert "trainer.resume=auto" in out
+    # continue it, shortened so the test stays quick: epochs may change on resume
+    resume = [a for a in args if not a.startswith("trainer.epochs")] + [
+        f"trainer.epochs={state['epoch'] + 1}", "trainer.resume=auto"]
+    distill(*resume, tmp_path=tmp_path, check_rc=0)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
