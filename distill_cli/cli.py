@@ -39,5 +39,67 @@ def distill_main() -> None:
         raise
 
 
+def report_main(argv: list[str] | None = None) -> None:
+    """`distill-report`: a table over sweep/run dirs (see distill_cli/report.py). Plain
+    argparse, not Hydra: it reads finished runs and has no config of its own."""
+    import argparse
+
+    from .errors import UserError
+    from .report import FORMATS, MAIN_METRIC, report
+
+    parser = argparse.ArgumentParser(
+        prog="distill-report", description="Pool seeds per configuration: mean ± std, gain "
+        "over the CE baseline, runs that did not finish.")
+    parser.add_argument("paths", nargs="+", help="sweep dirs, run dirs (searched recursively)")
+    parser.add_argument("--metric", default=MAIN_METRIC, help="summary.json key to rank and "
+                        "plot (default: %(default)s)")
+    parser.add_argument("--sort", help="column to sort by, best first (default: --metric); "
+                        "aliases: best, last, ece, teacher, wall")
+    parser.add_argument("--reverse", action="store_true", help="reverse the sort order")
+    parser.add_argument("--format", choices=FORMATS, default="table")
+    parser.add_argument("--plot", metavar="OUT.png", help="also write a bar chart")
+    args = parser.parse_args(argv)
+    try:
+        report(args.paths, args.metric, args.sort, args.reverse, args.format, args.plot)
+    except UserError as err:
+        print("error: " + " ".join(err.paragraph().split()), file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def teachers_main(argv: list[str] | None = None) -> None:
+    """`distill-teachers list|prune`: inspect or clean the teacher store."""
+    import argparse
+
+    from .errors import UserError
+    from .store import default_root
+    from .tracking import make_console
+    from .teachers import list_stored, prune_stored
+
+    parser = argparse.ArgumentParser(prog="distill-teachers",
+                                     description="The teacher store: teachers trained once and "
+                                     "reused by every run that shares their key.")
+    parser.add_argument("--root", default=None, help="store root (default: $DISTILL_HOME or "
+                        "~/.cache/distill_cli)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="show stored teachers")
+    prune = sub.add_parser("prune", help="remove unfinished builds, and the given entries")
+    prune.add_argument("keys", nargs="*", help="entry keys to remove")
+    prune.add_argument("--all", action="store_true", help="remove every stored teacher")
+    args = parser.parse_args(argv)
+    root = args.root or default_root()
+    try:
+        if args.command == "list":
+            table, entries, leftovers = list_stored(root)
+            make_console().print(table)
+            print(f"{len(entries)} teacher(s); {len(leftovers)} unfinished build(s)"
+                  + (" (remove with `distill-teachers prune`)" if leftovers else ""))
+        else:
+            removed = prune_stored(root, args.keys, args.all)
+            print("removed: " + (", ".join(removed) if removed else "nothing"))
+    except UserError as err:
+        print("error: " + " ".join(err.paragraph().split()), file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     distill_main()

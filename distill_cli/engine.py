@@ -150,7 +150,9 @@ class Engine:
     # ------------------------------------------------------------------ training
     def _train_step(self, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         with autocast(self.device, self.cfg.precision):
-            t_logits = teacher_logits(self.teacher, batch.x) if self.teacher is not None else None
+            # a teacher attached to a CE run (a sweep's baseline) is only evaluated, never run here
+            t_logits = (teacher_logits(self.teacher, batch.x)
+                        if self.teacher is not None and self.objective.needs_teacher else None)
             s_logits = self.student(batch.x).float()
             terms = self.objective(s_logits, t_logits, batch.y, ctx)
         self.optimizer.zero_grad(set_to_none=True)

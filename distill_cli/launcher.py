@@ -15,7 +15,7 @@ from .build import (build_data, build_logger, build_model, build_objective, buil
 from .engine import Engine, score
 from .errors import UserError
 from .runs import check_run_dir, resolve_resume
-from .teachers import load_teacher
+from .teachers import resolve_teacher
 from .tracking import ConsoleReporter, MetricsFile, read_json, write_json
 
 # Keys that may differ when a run is continued (they do not change what is computed).
@@ -97,7 +97,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = None) -> dict:
+def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = None,
+        data=None) -> dict:
+    """Train one run into `run_dir` (default: Hydra's output dir); `data` reuses a loaded
+    DataBundle (the teacher store trains teachers on the student's data)."""
     started = time.time()
     validate(cfg)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
@@ -115,10 +118,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                         "teacher.checkpoint=<run>/checkpoints/best.pt), or use loss=ce")
 
     device = pick_device(cfg.trainer.device)
-    data = build_data(cfg.dataset).to(device)
+    data = data if data is not None else build_data(cfg.dataset).to(device)
+    stage_printer = ConsoleReporter(0, tty=tty)
+    teacher, teacher_info = resolve_teacher(cfg, data, device, stage_printer, tty)
     torch.manual_seed(int(cfg.seed))
     student = build_model(cfg.student, "student", data).to(device)
-    teacher = load_teacher(cfg.teacher, data, device)
     objective.to(device)
     params = list(student.parameters()) + list(objective.parameters())
     optimizer = build_optimizer(cfg.optimizer, params)
@@ -139,7 +143,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                "git": checkpoint.git_revision(), "run_dir": str(run_dir),
                "dataset": data.name, "student": cfg.student.arch,
                "teacher": cfg.teacher.get("arch"), "loss": cfg.loss._target_.rsplit(".", 1)[-1],
-               "wandb_id": logger.run_id}
+               "wandb_id": logger.run_id, **teacher_info}
     write_json(run_dir / "summary.json", summary)
     reporter = ConsoleReporter(steps_per_epoch * int(cfg.trainer.epochs), tty=tty)
     meta = {"config": resolved, "overrides": overrides,

@@ -1,14 +1,24 @@
-"""Resolve the teacher: none, or an architecture plus a checkpoint, checked against the
-dataset before any training starts. The teacher is frozen, in eval mode, never optimised."""
+"""Resolve the teacher: none, a checkpoint, or the teacher store (trained once, then reused).
+
+Whatever the source, the architecture and class count are checked against the dataset before
+the student's training starts, and the teacher comes back frozen: eval mode, no gradients,
+never in the optimizer.
+"""
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import checkpoint
-from .build import build_model, model_node
+from .build import TEACHER_SOURCE_KEYS, build_model, model_node
 from .errors import UserError
+from .store import Store, content_key
+
+STORE_FORMAT = 1  # bump when the meaning of a stored teacher changes
 
 
 def check_compatible(ckpt: dict, arch: DictConfig, data, key: str) -> None:
@@ -23,27 +33,17 @@ def check_compatible(ckpt: dict, arch: DictConfig, data, key: str) -> None:
         raise UserError(f"The teacher checkpoint was trained for {saved.get('num_classes')} "
                         f"classes ({saved.get('name')}) but dataset {data.name} has "
                         f"{data.num_classes}", key,
-                        "Use a teacher trained on the same dataset (train one with "
-                        f"`distill dataset=... teacher=none student={arch.arch} loss=ce`)")
+                        "Use a teacher trained on the same dataset (or drop "
+                        "teacher.checkpoint to let the teacher store train one)")
     if list(saved.get("input_shape", []))[:1] != list(data.input_shape)[:1]:
         raise UserError(f"The teacher expects {saved.get('input_shape')} inputs but dataset "
                         f"{data.name} gives {list(data.input_shape)}", key,
                         "Use a teacher trained on the same kind of input")
 
 
-def load_teacher(node: DictConfig, data, device: torch.device) -> nn.Module | None:
+def frozen_from_checkpoint(node: DictConfig, ckpt: dict, data, device, key: str) -> nn.Module:
     arch = model_node(node)
-    if arch is None:
-        if node.get("checkpoint"):
-            raise UserError("`teacher.checkpoint` is set but teacher=none", "teacher",
-                            "Also name the teacher architecture, e.g. teacher=resnet20")
-        return None
-    if not node.get("checkpoint"):
-        raise UserError(f"teacher={arch.arch} needs trained weights", "teacher.checkpoint",
-                        "Pass teacher.checkpoint=<run>/checkpoints/best.pt (a run of "
-                        f"`distill teacher=none student={arch.arch} loss=ce ...`)")
-    ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint")
-    check_compatible(ckpt, arch, data, "teacher.checkpoint")
+    check_compatible(ckpt, arch, data, key)
     model = build_model(node, "teacher", data)
     try:
         model.load_state_dict(ckpt["model"])
@@ -53,3 +53,129 @@ def load_teacher(node: DictConfig, data, device: torch.device) -> nn.Module | No
                         "Use the same architecture options the teacher was trained with "
                         f"(saved: {ckpt['model_config']})") from None
     return model.to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------ teacher store
+def teacher_description(cfg: DictConfig, data) -> dict:
+    """Everything that determines a stored teacher — and nothing else (not the student, loss,
+    run seed or paths), so every run of a sweep that shares these shares the teacher."""
+    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+    train = teacher["train"]
+    return {"format": STORE_FORMAT,
+            "model": {k: v for k, v in teacher.items() if k not in TEACHER_SOURCE_KEYS},
+            "data": data.identity, "seed": int(teacher["seed"]),
+            "train": {k: train[k] for k in ("epochs", "batch_size", "optimizer", "scheduler",
+                                            "loss")},
+            "precision": str(cfg.trainer.precision)}
+
+
+def teacher_run_config(cfg: DictConfig) -> DictConfig:
+    """The config of the run that trains the teacher: the teacher becomes the student."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    teacher, train = c["teacher"], c["teacher"]["train"]
+    c["student"] = {k: v for k, v in teacher.items() if k not in TEACHER_SOURCE_KEYS}
+    c["teacher"] = {"_target_": None, "arch": None, "checkpoint": None,
+                    "seed": teacher["seed"], "train": train}
+    c.update(loss=train["loss"], optimizer=train["optimizer"], scheduler=train["scheduler"],
+             seed=teacher["seed"],
+             logger={"_target_": "distill_cli.tracking.NullLogger", "_partial_": True})
+    c["trainer"].update(epochs=train["epochs"], batch_size=train["batch_size"], resume=None,
+                        stop_at_step=None, checkpoint_every_n_steps=None)
+    return OmegaConf.create(c)
+
+
+def from_store(cfg: DictConfig, data, device, reporter, tty) -> tuple[nn.Module, dict]:
+    desc = teacher_description(cfg, data)
+    key = content_key(desc)
+    store = Store(cfg.store.root, "teachers")
+    meta = store.get(key)
+    hit = meta is not None
+    if not hit:
+        waiting = f"teacher {cfg.teacher.arch}: another job is training it (key {key}); waiting"
+        with store.lock(key, on_wait=lambda: reporter.stage(waiting)):
+            meta = store.get(key)  # another job may have trained it while we waited
+            hit = meta is not None
+            if not hit:
+                meta = _train_into_store(cfg, data, store, key, desc, reporter, tty)
+    if hit:
+        reporter.stage(f"teacher {cfg.teacher.arch}: reusing stored teacher {key} "
+                       f"(test acc1 {meta['test_acc1']:.2f}, trained {meta['created']})")
+    ckpt = checkpoint.load(store.path(key) / "checkpoints" / "best.pt", "teacher")
+    model = frozen_from_checkpoint(cfg.teacher, ckpt, data, device, "teacher")
+    return model, {"teacher/key": key, "teacher/source": "store", "teacher/store_hit": hit,
+                   "teacher/store_dir": str(store.path(key))}
+
+
+def _train_into_store(cfg, data, store: Store, key: str, desc: dict, reporter, tty) -> dict:
+    from .launcher import run  # the same runner trains the teacher
+
+    staging = store.staging(key)
+    reporter.stage(f"teacher {cfg.teacher.arch}: not in the store — training it first "
+                   f"({cfg.teacher.train.epochs} epochs, key {key}, in {staging})")
+    summary = run(teacher_run_config(cfg), staging / "run", tty=tty, data=data)
+    run_dir = staging / "run"
+    for name in ("checkpoints", "summary.json", "metrics.jsonl"):
+        (run_dir / name).rename(staging / name)
+    run_dir.rmdir()
+    meta = {"arch": desc["model"]["arch"], "model": desc["model"], "dataset": data.name,
+            "description": desc, "test_acc1": summary["best/test/acc1"],
+            "val_acc1": summary["best/val/acc1"], "wall_s": summary["wall_s"],
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "git": summary["git"]}
+    return store.publish(key, staging, meta)
+
+
+def resolve_teacher(cfg: DictConfig, data, device: torch.device, reporter=None, tty=None
+                    ) -> tuple[nn.Module | None, dict]:
+    """Return (frozen teacher or None, summary fields describing where it came from)."""
+    node = cfg.teacher
+    arch = model_node(node)
+    if arch is None:
+        if node.get("checkpoint"):
+            raise UserError("`teacher.checkpoint` is set but teacher=none", "teacher",
+                            "Also name the teacher architecture, e.g. teacher=resnet20")
+        return None, {}
+    if not node.get("checkpoint"):
+        return from_store(cfg, data, device, reporter, tty)
+    ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint")
+    model = frozen_from_checkpoint(node, ckpt, data, device, "teacher.checkpoint")
+    return model, {"teacher/source": "checkpoint",
+                   "teacher/checkpoint": str(Path(node.checkpoint).expanduser())}
+
+
+# ------------------------------------------------------------------------------ store commands
+def list_stored(root: str | Path):
+    """A rich table of complete entries (newest last) and the count of unfinished builds."""
+    from rich.table import Table
+
+    store = Store(root, "teachers")
+    table = Table(title=f"teacher store: {store.dir}")
+    for col in ("key", "arch", "dataset", "test acc1", "epochs", "seed", "size", "created"):
+        table.add_column(col, justify="right" if col in ("test acc1", "size") else "left")
+    entries = sorted(store.entries(), key=lambda m: m.get("created", ""))
+    for m in entries:
+        desc = m.get("description", {})
+        table.add_row(m["key"], m["arch"], m["dataset"], f"{m['test_acc1']:.2f}",
+                      str(desc.get("train", {}).get("epochs", "")), str(desc.get("seed", "")),
+                      f"{m['size_bytes'] / 2**20:.1f} MiB", m["created"])
+    return table, entries, store.leftovers()
+
+
+def prune_stored(root: str | Path, keys: list[str], everything: bool) -> list[str]:
+    """Remove unfinished builds always; plus the named entries, or all with `everything`."""
+    store = Store(root, "teachers")
+    removed = []
+    for path in store.leftovers():
+        key = path.name.split("-")[1] if path.name.startswith(".tmp-") else path.name
+        with store.lock(key):  # never delete a build that is running right now
+            if path.exists():
+                import shutil
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+    known = {m["key"] for m in store.entries()}
+    for key in sorted(known if everything else set(keys)):
+        if key not in known:
+            raise UserError(f"No stored teacher with key {key}", "key",
+                            "Run `distill-teachers list` to see the keys")
+        store.remove(key)
+        removed.append(key)
+    return removed

@@ -52,11 +52,17 @@ class MetricsFile:
 
 
 # --------------------------------------------------------------------------- console
+def make_console() -> Console:
+    """Rich console; when piped (CI logs) a wide fixed width so tables and lines never wrap."""
+    return Console(highlight=False, soft_wrap=True,
+                   width=None if sys.stdout.isatty() else 200)
+
+
 class ConsoleReporter:
     """Progress bars on a TTY; plain fixed-column lines otherwise (identical content)."""
 
     def __init__(self, total_steps: int, tty: bool | None = None):
-        self.console = Console(stderr=False, highlight=False)
+        self.console = make_console()
         self.tty = sys.stdout.isatty() if tty is None else tty
         self.total_steps = total_steps
         self.progress = None

@@ -59,10 +59,6 @@ def test_loss_that_needs_a_teacher_without_one(tmp_path):
     expect_error(["teacher=none", "loss=kd"], tmp_path / "r", "teacher")
 
 
-def test_teacher_without_checkpoint(tmp_path):
-    expect_error(["teacher=resnet8", "loss=kd"], tmp_path / "r", "teacher.checkpoint")
-
-
 @pytest.mark.parametrize("override,key", [("trainer.epochs=0", "trainer.epochs"),
                                           ("trainer.batch_size=-4", "trainer.batch_size"),
                                           ("optimizer.lr=0", "optimizer.lr")])

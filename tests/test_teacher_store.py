@@ -1,0 +1,136 @@
+"""The teacher store: content keys, train-once reuse, concurrent jobs, crashes, list/prune."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distill_cli import build
+from distill_cli.launcher import run
+from distill_cli.store import Store, content_key
+from distill_cli.teachers import teacher_description
+
+from conftest import DIGITS, make_cfg
+
+BIN = Path(sys.executable).parent
+KD = DIGITS + ["teacher=resnet8", "student=mlp", "loss=kd", "teacher.train.epochs=2"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build.build_data(make_cfg(["dataset=digits"]).dataset)
+
+
+def key_of(overrides, data):
+    return content_key(teacher_description(make_cfg(KD + overrides), data))
+
+
+def test_same_inputs_same_key_and_student_side_changes_keep_it(digits):
+    base = key_of([], digits)
+    assert base == key_of([], digits)
+    for same in (["seed=3"], ["loss=dkd"], ["student=resnet8"], ["trainer.log_every_n_steps=1"],
+                 ["trainer.epochs=7"], ["optimizer.lr=0.01"], ["trainer.batch_size=32"],
+                 ["scheduler=multistep"]):
+        assert key_of(same, digits) == base, same
+
+
+@pytest.mark.parametrize("change", [["teacher=resnet14"], ["teacher.seed=1"],
+                                    ["teacher.train.epochs=3"], ["teacher.train.batch_size=32"],
+                                    ["teacher.train.optimizer.lr=0.01"],
+                                    ["teacher.train.loss.label_smoothing=0.1"],
+                                    ["trainer.precision=bf16"]])
+def test_any_relevant_change_gives_a_new_key(digits, change):
+    assert key_of(change, digits) != key_of([], digits)
+
+
+def test_data_identity_is_part_of_the_key():
+    a = build.build_data(make_cfg(["dataset=digits"]).dataset)
+    b = build.build_data(make_cfg(["dataset=digits", "dataset.limit_train=500"]).dataset)
+    c = build.build_data(make_cfg(["dataset=digits", "dataset.augment.hflip=true"]).dataset)
+    keys = {content_key(teacher_description(make_cfg(KD), d)) for d in (a, b, c)}
+    assert len(keys) == 3
+
+
+def test_teacher_is_trained_once_then_reused(tmp_path, home):
+    first = run(make_cfg(KD), tmp_path / "a", tty=False)
+    assert first["teacher/source"] == "store" and first["teacher/store_hit"] is False
+    entry = Store(home, "teachers").get(first["teacher/key"])
+    assert entry["test_acc1"] > 50 and entry["arch"] == "resnet8"
+    assert entry["description"]["train"]["epochs"] == 2
+    second = run(make_cfg(KD + ["loss=dkd", "seed=1"]), tmp_path / "b", tty=False)
+    assert second["teacher/key"] == first["teacher/key"] and second["teacher/store_hit"] is True
+    assert Store(home, "teachers").get(first["teacher/key"])["created"] == entry["created"]
+    # the stored teacher's own test accuracy is what the student runs report
+    assert second["teacher/test/acc1"] == pytest.approx(entry["test_acc1"])
+
+
+def _distill(args, home, tmp_path):
+    env = {**os.environ, "DISTILL_HOME": str(home), "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1", "DISTILL_OUTPUTS": str(tmp_path / "outputs")}
+    return subprocess.Popen([str(BIN / "distill"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def test_concurrent_jobs_train_the_teacher_once(tmp_path, home):
+    jobs = [_distill(KD + [f"seed={s}", "teacher.train.epochs=3"], home, tmp_path)
+            for s in (0, 1)]
+    outs = [j.communicate(timeout=300)[0] for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], outs
+    trained = [o for o in outs if "training it first" in o]
+    assert len(trained) == 1, outs
+    waited = [o for o in outs if "another job is training it" in o]
+    assert len(waited) == 1
+    assert len(Store(home, "teachers").entries()) == 1
+
+
+def test_crashed_teacher_training_leaves_no_valid_entry(tmp_path, home):
+    slow = ["dataset=fake", "dataset.train_size=20000", "dataset.shape=[1,16,16]",
+            "logger=none", "teacher=mlp", "student=mlp", "loss=kd",
+            "teacher.train.epochs=50", "trainer.batch_size=32"]
+    job = _distill(slow, home, tmp_path)
+    store_dir = home / "teachers"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(store_dir.glob(".tmp-*/run/summary.json")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    job.send_signal(signal.SIGKILL)  # a crash: no handler runs
+    job.wait(timeout=60)
+    store = Store(home, "teachers")
+    assert store.entries() == [] and len(store.leftovers()) == 1
+    listing = subprocess.run([str(BIN / "distill-teachers"), "--root", str(home), "list"],
+                             capture_output=True, text=True)
+    assert "0 teacher(s); 1 unfinished build(s)" in listing.stdout
+    # the next run does not trust the leftover: it trains a complete teacher (shortened here)
+    summary = run(make_cfg(slow + ["teacher.train.epochs=1", "trainer.epochs=1",
+                                   "dataset.train_size=2000"]), tmp_path / "next", tty=False)
+    assert summary["teacher/store_hit"] is False and len(store.entries()) == 1
+    pruned = subprocess.run([str(BIN / "distill-teachers"), "--root", str(home), "prune"],
+                            capture_output=True, text=True)
+    assert pruned.returncode == 0 and ".tmp-" in pruned.stdout
+    assert store.leftovers() == [] and len(store.entries()) == 1
+
+
+def test_list_and_prune_entries(tmp_path, home):
+    summary = run(make_cfg(KD), tmp_path / "a", tty=False)
+    key = summary["teacher/key"]
+    out = subprocess.run([str(BIN / "distill-teachers"), "--root", str(home), "list"],
+                         capture_output=True, text=True).stdout
+    assert key in out and "resnet8" in out and "digits" in out
+    bad = subprocess.run([str(BIN / "distill-teachers"), "--root", str(home), "prune", "nokey"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    subprocess.run([str(BIN / "distill-teachers"), "--root", str(home), "prune", key],
+                   check=True, capture_output=True)
+    assert Store(home, "teachers").entries() == []
