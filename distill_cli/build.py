@@ -14,7 +14,7 @@ from .errors import UserError
 
 ALLOWED_PREFIXES = ("distill_cli.", "torch.optim.")
 # Keys of the teacher node that describe where its weights come from, not the architecture.
-TEACHER_SOURCE_KEYS = ("checkpoint", "seed", "train", "outputs")
+TEACHER_SOURCE_KEYS = ("checkpoint", "seed", "train", "outputs", "outputs_dtype")
 
 
 def _check_targets(node: Any, key: str) -> None:

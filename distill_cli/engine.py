@@ -20,6 +20,7 @@ from torch import nn
 from . import checkpoint
 from .losses.base import Objective, StepContext
 from .metrics import ClassificationMeter
+from .teacher_outputs import quantise
 
 
 @dataclass
@@ -61,11 +62,12 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def teacher_logits(teacher: nn.Module, x: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
     with torch.inference_mode():
         out = teacher(x)
-    # inference tensors cannot be saved for backward; a [B, C] copy is negligible
-    return out.float().clone()
+    # inference tensors cannot be saved for backward; a [B, C] copy is negligible. Quantised to
+    # the output store's dtype, so a live run and a stored-outputs run compute the same thing.
+    return quantise(out.float(), dtype).clone()
 
 
 @torch.no_grad()
@@ -93,11 +95,15 @@ def score(logits: torch.Tensor, targets: torch.Tensor,
 
 class Engine:
     def __init__(self, *, student: nn.Module, teacher: nn.Module | None, objective: Objective,
-                 data, optimizer, scheduler, trainer_cfg, seed: int, device: torch.device,
-                 run_dir: Path, reporter, logger, checkpoint_meta: dict):
+                 data, optimizer, scheduler, trainer_cfg, data_seed: int, device: torch.device,
+                 run_dir: Path, reporter, logger, checkpoint_meta: dict, outputs=None,
+                 outputs_dtype: str = "float32"):
         self.student, self.teacher, self.objective = student, teacher, objective
         self.data, self.optimizer, self.scheduler = data, optimizer, scheduler
-        self.cfg, self.seed, self.device = trainer_cfg, seed, device
+        self.cfg, self.data_seed, self.device = trainer_cfg, data_seed, device
+        # stored teacher logits (TeacherOutputs) or None for a live teacher forward
+        self.outputs, self.outputs_dtype = outputs, outputs_dtype
+        self.uses_teacher = teacher is not None and objective.needs_teacher
         self.run_dir, self.reporter, self.logger = Path(run_dir), reporter, logger
         self.meta = checkpoint_meta
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -137,8 +143,13 @@ class Engine:
     def val_reference(self):
         """Teacher logits on val, computed once: val is never augmented, so they are fixed."""
         if self.teacher is not None and self._val_teacher_logits is None:
-            self._val_teacher_logits = self.predict(self.teacher, self.data.val)[0]
+            self._val_teacher_logits = self.teacher_eval_logits("val")
         return self._val_teacher_logits
+
+    def teacher_eval_logits(self, split: str) -> torch.Tensor:
+        if self.outputs is not None:
+            return self.outputs.eval_table(split, int(self.cfg.eval_batch_size))
+        return self.predict(self.teacher, getattr(self.data, split))[0]
 
     def predict(self, model, split) -> tuple[torch.Tensor, torch.Tensor]:
         return predict(model, split, int(self.cfg.eval_batch_size), self.device,
@@ -148,11 +159,14 @@ class Engine:
         return score(*self.predict(model, split), reference)
 
     # ------------------------------------------------------------------ training
-    def _train_step(self, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+    def _train_step(self, batch, ctx: StepContext, table) -> dict[str, torch.Tensor]:
         with autocast(self.device, self.cfg.precision):
             # a teacher attached to a CE run (a sweep's baseline) is only evaluated, never run here
-            t_logits = (teacher_logits(self.teacher, batch.x)
-                        if self.teacher is not None and self.objective.needs_teacher else None)
+            t_logits = None
+            if table is not None:
+                t_logits = table.index_select(0, batch.index)
+            elif self.uses_teacher:
+                t_logits = teacher_logits(self.teacher, batch.x, self.outputs_dtype)
             s_logits = self.student(batch.x).float()
             terms = self.objective(s_logits, t_logits, batch.y, ctx)
         self.optimizer.zero_grad(set_to_none=True)
@@ -179,13 +193,15 @@ class Engine:
                 window: dict[str, torch.Tensor] = {}
                 window_n = 0
                 t0 = time.perf_counter()
-                batches = self.data.train.train_batches(self.batch_size, self.seed, epoch,
+                table = (self.outputs.train_table(epoch)
+                         if self.outputs is not None and self.uses_teacher else None)
+                batches = self.data.train.train_batches(self.batch_size, self.data_seed, epoch,
                                                         start_step=s.epoch_step)
                 for batch in batches:
                     ctx = StepContext(epoch=epoch, step=s.step,
                                       steps_per_epoch=self.steps_per_epoch,
                                       total_steps=self.total_steps)
-                    terms = self._train_step(batch, ctx)
+                    terms = self._train_step(batch, ctx, table)
                     for k, v in terms.items():
                         v = v.detach().float()
                         sums[k] = sums[k] + v if k in sums else v

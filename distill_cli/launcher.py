@@ -12,14 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__, checkpoint
 from .build import (build_data, build_logger, build_model, build_objective, build_optimizer,
                     build_scheduler, model_node)
-from .engine import Engine, score
+from .data import InMemorySplit
+from .engine import Engine, autocast, score
 from .errors import UserError
 from .runs import check_run_dir, resolve_resume
+from .teacher_outputs import TeacherOutputs, checkpoint_identity
 from .teachers import resolve_teacher
 from .tracking import ConsoleReporter, MetricsFile, read_json, write_json
 
 # Keys that may differ when a run is continued (they do not change what is computed).
-RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.log_every_n_steps",
+RESUME_FREE_KEYS = ("trainer.resume", "teacher.outputs", "trainer.stop_at_step", "trainer.log_every_n_steps",
                     "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger")
 
 
@@ -151,10 +153,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             "data": {"name": data.name, "num_classes": data.num_classes,
                      "input_shape": list(data.input_shape)},
             "git": summary["git"], "code_version": __version__}
+    outputs = teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporter)
+    summary.update(outputs.stats() if outputs is not None else
+                   {"teacher/outputs": "live"} if teacher is not None else {})
     engine = Engine(student=student, teacher=teacher, objective=objective, data=data,
                     optimizer=optimizer, scheduler=scheduler, trainer_cfg=cfg.trainer,
-                    seed=int(cfg.seed), device=device, run_dir=run_dir, reporter=reporter,
-                    logger=logger, checkpoint_meta=meta)
+                    data_seed=int(cfg.data_seed), device=device, run_dir=run_dir,
+                    reporter=reporter, logger=logger, checkpoint_meta=meta, outputs=outputs,
+                    outputs_dtype=str(cfg.teacher.outputs_dtype))
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     exit_code = 1
     try:
@@ -185,6 +191,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                            "trainer.resume=auto")
             raise RunInterrupted(exit_code, run_dir)
         summary.update(final_evaluation(engine, run_dir))
+        if outputs is not None:
+            summary.update(outputs.stats())
         summary["status"] = "finished"
         summary["wall_s"] = previous.get("wall_s", 0.0) + time.time() - started
         write_json(run_dir / "summary.json", summary)
@@ -202,13 +210,56 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         logger.finish(exit_code)
 
 
+def teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporter):
+    """A TeacherOutputs store when `teacher.outputs` (auto|store|live) and the method allow it."""
+    mode = str(cfg.teacher.outputs)
+    if mode not in ("auto", "store", "live"):
+        raise UserError(f"teacher.outputs={mode} is not an option", "teacher.outputs",
+                        "Use auto, store or live")
+    if teacher is None or mode == "live":
+        return None
+    reason = None
+    if objective.live_teacher_only:
+        reason = f"{type(objective).__name__} needs the teacher run live (online or features)"
+    elif not isinstance(data.train, InMemorySplit):
+        reason = "the DataLoader path's teacher views are not stored"
+    if reason is None and mode == "auto":
+        need = TeacherOutputs.projected_bytes(data, int(cfg.trainer.epochs),
+                                              str(cfg.teacher.outputs_dtype))
+        used = sum(f.stat().st_size for f in Path(cfg.store.root).expanduser().glob(
+            "outputs/*/*.npy"))
+        if used + need > float(cfg.store.max_gb) * 2**30:
+            reason = (f"the store would exceed store.max_gb={cfg.store.max_gb} "
+                      f"({(used + need) / 2**30:.1f} GiB)")
+    if reason is not None:
+        if mode == "store":
+            raise UserError(f"teacher.outputs=store is not possible: {reason}",
+                            "teacher.outputs", "Use teacher.outputs=auto or live")
+        reporter.stage(f"teacher outputs: live ({reason})")
+        return None
+    if "teacher/key" in teacher_info:
+        teacher_id = {"store": teacher_info["teacher/key"]}
+    elif "teacher/checkpoint" in teacher_info:
+        teacher_id = checkpoint_identity(teacher_info["teacher/checkpoint"])
+    else:
+        teacher_id = {"source": teacher_info.get("teacher/source"),
+                      "model": OmegaConf.to_container(model_node(cfg.teacher))}
+    teacher_id["precision"] = str(cfg.trainer.precision)
+    return TeacherOutputs(teacher=teacher, teacher_id=teacher_id, data=data,
+                          batch_size=int(cfg.trainer.batch_size),
+                          data_seed=int(cfg.data_seed), device=device,
+                          autocast=lambda: autocast(device, cfg.trainer.precision),
+                          root=cfg.store.root, dtype=str(cfg.teacher.outputs_dtype),
+                          reporter=reporter)
+
+
 def final_evaluation(engine: Engine, run_dir: Path) -> dict:
     """Test accuracy of the best (by val) and last weights, and of the teacher — once."""
     out = {}
     reference = None
     if engine.teacher is not None:
-        reference, targets = engine.predict(engine.teacher, engine.data.test)
-        t = score(reference, targets)
+        reference = engine.teacher_eval_logits("test")
+        t = score(reference, engine.data.test.targets)
         out.update({f"teacher/test/{k}": v for k, v in t.items() if k != "n"})
     last = engine.evaluate(engine.student, engine.data.test, reference)
     out.update({f"last/test/{k}": v for k, v in last.items() if k != "n"})

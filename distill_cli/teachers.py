@@ -55,6 +55,27 @@ def frozen_from_checkpoint(node: DictConfig, ckpt: dict, data, device, key: str)
     return model.to(device).eval().requires_grad_(False)
 
 
+def pretrained(arch: DictConfig, data, device) -> nn.Module:
+    """A torchvision teacher with published weights (e.g. ImageNet ResNet-34): used as is, so
+    its classes must be the dataset's — a re-initialised head would make it no teacher."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch.name)[arch.weights]
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"No weights {arch.weights!r} for torchvision model {arch.name!r} "
+                        f"({exc})", "teacher.weights",
+                        "Use a name from torchvision's weights enum, e.g. IMAGENET1K_V1") from None
+    classes = len(weights.meta.get("categories") or [])
+    if classes != data.num_classes:
+        raise UserError(f"teacher.weights={arch.weights} predicts {classes} classes but dataset "
+                        f"{data.name} has {data.num_classes}", "teacher.weights",
+                        "Drop teacher.weights to let the teacher store train a teacher on this "
+                        "dataset, or pass teacher.checkpoint")
+    model = build_model(arch, "teacher", data)
+    return model.to(device).eval().requires_grad_(False)
+
+
 # ------------------------------------------------------------------------------ teacher store
 def teacher_description(cfg: DictConfig, data) -> dict:
     """Everything that determines a stored teacher — and nothing else (not the student, loss,
@@ -74,8 +95,8 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
     c = OmegaConf.to_container(cfg, resolve=True)
     teacher, train = c["teacher"], c["teacher"]["train"]
     c["student"] = {k: v for k, v in teacher.items() if k not in TEACHER_SOURCE_KEYS}
-    c["teacher"] = {"_target_": None, "arch": None, "checkpoint": None,
-                    "seed": teacher["seed"], "train": train}
+    c["teacher"] = {**{k: teacher[k] for k in TEACHER_SOURCE_KEYS if k in teacher},
+                    "_target_": None, "arch": None, "checkpoint": None}
     c.update(loss=train["loss"], optimizer=train["optimizer"], scheduler=train["scheduler"],
              seed=teacher["seed"],
              logger={"_target_": "distill_cli.tracking.NullLogger", "_partial_": True})
@@ -134,6 +155,8 @@ def resolve_teacher(cfg: DictConfig, data, device: torch.device, reporter=None, 
             raise UserError("`teacher.checkpoint` is set but teacher=none", "teacher",
                             "Also name the teacher architecture, e.g. teacher=resnet20")
         return None, {}
+    if not node.get("checkpoint") and arch.get("weights"):
+        return pretrained(arch, data, device), {"teacher/source": f"weights:{arch.weights}"}
     if not node.get("checkpoint"):
         return from_store(cfg, data, device, reporter, tty)
     ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint")

@@ -116,3 +116,26 @@ def test_sigterm_writes_last_and_resume_finishes(tmp_path):
         f"trainer.epochs={state['epoch'] + 1}", "trainer.resume=auto"]
     distill(*resume, tmp_path=tmp_path, check_rc=0)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_parallel_sweep_with_a_stored_teacher_and_its_report(tmp_path):
+    """End to end: joblib sweep on digits; one stored teacher shared by all jobs; the report
+    pools seeds and computes the gain over the CE baseline."""
+    home = tmp_path / "home"
+    distill("-m", "hydra/launcher=local_parallel", *DIGITS, "teacher=resnet8",
+            "teacher.train.epochs=3", "student=mlp", "trainer.epochs=3", "loss=ce,kd",
+            "seed=0,1", tmp_path=tmp_path, env={"DISTILL_HOME": str(home)}, check_rc=0)
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "multirun").rglob("summary.json")]
+    assert len(summaries) == 4 and all(s["status"] == "finished" for s in summaries)
+    assert len({s["teacher/key"] for s in summaries}) == 1
+    assert sum(not s["teacher/store_hit"] for s in summaries) == 1  # trained exactly once
+    assert len(list((home / "teachers").glob("*/entry.json"))) == 1
+    sweep = next((tmp_path / "multirun").glob("*/*"))
+    rows = json.loads(subprocess.run(
+        [str(Path(DISTILL).parent / "distill-report"), str(sweep), "--format", "json"],
+        capture_output=True, text=True, check=True).stdout)
+    by_loss = {r["loss"]: r for r in rows}
+    assert by_loss["KD"]["n"] == by_loss["CrossEntropy"]["n"] == 2
+    ce = [s["best/test/acc1"] for s in summaries if s["loss"] == "CrossEntropy"]
+    kd = [s["best/test/acc1"] for s in summaries if s["loss"] == "KD"]
+    assert by_loss["KD"]["gain"] == pytest.approx(sum(kd) / 2 - sum(ce) / 2)

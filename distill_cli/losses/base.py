@@ -31,6 +31,9 @@ class Objective(nn.Module):
     """Base class: subclasses set `needs_teacher` and implement `forward`."""
 
     needs_teacher: bool = True
+    # True for methods whose teacher must run live every step (online teachers that train,
+    # feature-based methods): their teacher logits are never served from the output store.
+    live_teacher_only: bool = False
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor, ctx: StepContext | None = None) -> dict[str, torch.Tensor]:

@@ -1,0 +1,163 @@
+"""The teacher-output store: a frozen teacher's logits computed once, then served by index.
+
+Training batches are a pure function of (data_seed, epoch, step) — order and augmentation — so
+the teacher's logits for every training sample of epoch e are a pure function of (teacher, data,
+data_seed, batch size, e). Without augmentation they do not depend on the epoch at all. Each such
+table is computed once (one inference pass over exactly the batches training will see), written
+atomically next to the teacher store, and reused by every run that shares it: a sweep of ten
+losses x three seeds with a fixed `data_seed` pays for the teacher once.
+
+Layout: `<store.root>/outputs/<key>/<table>.npy` + `<table>.json` (shape, dtype, checksum of a
+sample of rows). A table is used only when its JSON exists and the checksum matches; anything
+else is rebuilt, never used. Tables: `train` (no augmentation) or `train_e<epoch>`, and the
+evaluation splits `val` / `test`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes
+from .store import Store, content_key
+from .tracking import read_json, write_json
+
+FORMAT = 1
+DTYPES = {"float32": np.float32, "float16": np.float16}
+_SAMPLE_ROWS = 4096
+
+
+def quantise(logits: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The logits as they would come back from the store: applied on the live path too, so the
+    storage dtype never changes what a run computes."""
+    return logits if dtype == "float32" else logits.to(torch.float16).float()
+
+
+def _checksum(arr: np.ndarray) -> str:
+    rows = np.unique(np.linspace(0, len(arr) - 1, min(len(arr), _SAMPLE_ROWS)).astype(np.int64))
+    h = hashlib.sha256(f"{arr.shape}{arr.dtype}".encode())
+    h.update(np.ascontiguousarray(arr[rows]).tobytes())
+    return h.hexdigest()
+
+
+class TeacherOutputs:
+    def __init__(self, *, teacher, teacher_id: dict, data, batch_size: int, data_seed: int,
+                 device: torch.device, autocast, root: str | Path, dtype: str = "float32",
+                 reporter=None):
+        self.teacher, self.data, self.batch_size = teacher, data, batch_size
+        self.data_seed, self.device, self.autocast = data_seed, device, autocast
+        self.dtype, self.reporter = dtype, reporter
+        self.augmented = bool(data.train.augment.enabled)
+        view = ({"augment": data.identity.get("augment"), "data_seed": data_seed,
+                 "batch_size": batch_size} if self.augmented else {"plain": True})
+        common = {"format": FORMAT, "teacher": teacher_id, "data": data.identity, "dtype": dtype}
+        self.key = content_key({**common, "view": view})
+        # val/test are never augmented: one entry per teacher x data, whatever the data_seed
+        self.eval_key = content_key({**common, "view": "eval"})
+        self.store = Store(root, "outputs")
+        self.dir = self.store.path(self.key)
+        self.built: list[str] = []   # tables this run had to compute (the rest were hits)
+        self.served: list[str] = []
+
+    # ---------------------------------------------------------------- sizes for `auto`
+    @staticmethod
+    def projected_bytes(data, epochs: int, dtype: str) -> int:
+        n_tables = epochs if data.train.augment.enabled else 1
+        rows = n_tables * len(data.train) + len(data.val) + len(data.test)
+        return rows * data.num_classes * np.dtype(DTYPES[dtype]).itemsize
+
+    # ---------------------------------------------------------------- tables
+    def _load(self, key: str, name: str) -> np.ndarray | None:
+        folder = self.store.path(key)
+        meta = read_json(folder / f"{name}.json")
+        path = folder / f"{name}.npy"
+        if meta is None or not path.exists():
+            return None
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError):
+            return None
+        if list(arr.shape) != meta["shape"] or str(arr.dtype) != meta["dtype"] \
+                or _checksum(arr) != meta["checksum"]:
+            if self.reporter:
+                self.reporter.stage(f"teacher outputs {key}/{name}: corrupt, rebuilding")
+            return None
+        return arr
+
+    def _compute(self, key: str, name: str, batches, n: int) -> np.ndarray:
+        out = torch.zeros(n, self.data.num_classes, dtype=torch.float32)
+        with torch.inference_mode():
+            for batch in batches:
+                with self.autocast():
+                    logits = self.teacher(batch.x).float()
+                out[batch.index.cpu()] = quantise(logits, self.dtype).cpu()
+        arr = out.numpy().astype(DTYPES[self.dtype])
+        folder = self.store.path(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / f"{name}.npy", lambda fh: np.save(fh, arr))
+        # the JSON is written last: a table without it (a crash in between) is never used
+        write_json(folder / f"{name}.json", {"shape": list(arr.shape), "dtype": str(arr.dtype),
+                                             "checksum": _checksum(arr), "key": key})
+        return arr
+
+    def table(self, key: str, name: str, batches_fn, n: int) -> torch.Tensor:
+        arr = self._load(key, name)
+        if arr is None:
+            with self.store.lock(f"{key}.{name}"):
+                arr = self._load(key, name)   # another job may have built it while we waited
+                if arr is None:
+                    if self.reporter:
+                        self.reporter.stage(f"teacher outputs: computing `{name}` once "
+                                            f"(store {key})")
+                    arr = self._compute(key, name, batches_fn(), n)
+                    self.built.append(name)
+        self.served.append(name)
+        return torch.from_numpy(np.array(arr, dtype=np.float32)).to(self.device)  # a copy
+
+    def train_table(self, epoch: int) -> torch.Tensor:
+        """[N_train, C] logits for the training batches of `epoch` (row = sample index)."""
+        train = self.data.train
+        if self.augmented:  # exactly the batches training will see in this epoch
+            return self.table(self.key, f"train_e{epoch:04d}", lambda: train.train_batches(
+                self.batch_size, self.data_seed, epoch), len(train))
+        # No augmentation: one table for every epoch, covering the samples drop_last leaves out
+        # of any particular epoch too. Computed at the training batch size, because a sample's
+        # logits are bit-identical across batch compositions but not across batch sizes.
+        return self.table(self.key, "train", lambda: full_size_batches(train, self.batch_size), len(train))
+
+    def eval_table(self, split: str, batch_size: int) -> torch.Tensor:
+        part = getattr(self.data, split)
+        return self.table(self.eval_key, split, lambda: part.eval_batches(batch_size), len(part))
+
+    def stats(self) -> dict:
+        hits = sum(1 for n in self.served if n not in self.built)
+        return {"teacher/outputs": "stored", "teacher/outputs_key": self.key,
+                "teacher/outputs_hit_rate": hits / max(len(self.served), 1),
+                "teacher/outputs_dir": str(self.dir)}
+
+
+def full_size_batches(split, batch_size: int):
+    """The split in order, in batches of exactly `batch_size` (the last one padded with the
+    first samples, whose rows are simply written twice with identical values)."""
+    head = None
+    for batch in split.eval_batches(batch_size):
+        if head is None:
+            head = batch
+        short = batch_size - len(batch.index)
+        if short > 0 and len(head.index) >= short:
+            batch = type(batch)(torch.cat([batch.index, head.index[:short]]),
+                                torch.cat([batch.x, head.x[:short]]),
+                                torch.cat([batch.y, head.y[:short]]))
+        yield batch
+
+
+def checkpoint_identity(path: str | Path) -> dict:
+    """A teacher loaded from a file is identified by the file's content, not its name."""
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"checkpoint_sha256": h.hexdigest()}
