@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .data.mixing import MixSpec, training_batches
 from .losses.base import Objective, StepContext
 from .metrics import ClassificationMeter
 from .teacher_outputs import quantise
@@ -97,13 +98,17 @@ class Engine:
     def __init__(self, *, student: nn.Module, teacher: nn.Module | None, objective: Objective,
                  data, optimizer, scheduler, trainer_cfg, data_seed: int, device: torch.device,
                  run_dir: Path, reporter, logger, checkpoint_meta: dict, outputs=None,
-                 outputs_dtype: str = "float32"):
+                 outputs_dtype: str = "float32", mix: MixSpec | None = None):
         self.student, self.teacher, self.objective = student, teacher, objective
         self.data, self.optimizer, self.scheduler = data, optimizer, scheduler
         self.cfg, self.data_seed, self.device = trainer_cfg, data_seed, device
         # stored teacher logits (TeacherOutputs) or None for a live teacher forward
         self.outputs, self.outputs_dtype = outputs, outputs_dtype
+        self.mix = mix or MixSpec()
         self.uses_teacher = teacher is not None and objective.needs_teacher
+        self.channels_last = bool(trainer_cfg.get("channels_last", False))
+        # torch.compile wraps the module for the forward only; state dicts stay un-prefixed
+        self.forward = torch.compile(student) if trainer_cfg.get("compile", False) else student
         self.run_dir, self.reporter, self.logger = Path(run_dir), reporter, logger
         self.meta = checkpoint_meta
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -160,6 +165,8 @@ class Engine:
 
     # ------------------------------------------------------------------ training
     def _train_step(self, batch, ctx: StepContext, table) -> dict[str, torch.Tensor]:
+        if self.channels_last and batch.x.dim() == 4:
+            batch = batch._replace(x=batch.x.contiguous(memory_format=torch.channels_last))
         with autocast(self.device, self.cfg.precision):
             # a teacher attached to a CE run (a sweep's baseline) is only evaluated, never run here
             t_logits = None
@@ -167,7 +174,7 @@ class Engine:
                 t_logits = table.index_select(0, batch.index)
             elif self.uses_teacher:
                 t_logits = teacher_logits(self.teacher, batch.x, self.outputs_dtype)
-            s_logits = self.student(batch.x).float()
+            s_logits = self.forward(batch.x).float()
             terms = self.objective(s_logits, t_logits, batch.y, ctx)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -195,8 +202,9 @@ class Engine:
                 t0 = time.perf_counter()
                 table = (self.outputs.train_table(epoch)
                          if self.outputs is not None and self.uses_teacher else None)
-                batches = self.data.train.train_batches(self.batch_size, self.data_seed, epoch,
-                                                        start_step=s.epoch_step)
+                batches = training_batches(self.data.train, self.batch_size, self.data_seed,
+                                           epoch, s.epoch_step, self.mix,
+                                           self.data.num_classes)
                 for batch in batches:
                     ctx = StepContext(epoch=epoch, step=s.step,
                                       steps_per_epoch=self.steps_per_epoch,

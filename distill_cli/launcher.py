@@ -1,6 +1,7 @@
 """run(cfg): validate → build → fit → evaluate → summarise. One call per run dir."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from . import __version__, checkpoint
 from .build import (build_data, build_logger, build_model, build_objective, build_optimizer,
                     build_scheduler, model_node)
 from .data import InMemorySplit
+from .data.mixing import MixSpec
 from .engine import Engine, autocast, score
 from .errors import UserError
 from .runs import check_run_dir, resolve_resume
@@ -21,8 +23,9 @@ from .teachers import resolve_teacher
 from .tracking import ConsoleReporter, MetricsFile, read_json, write_json
 
 # Keys that may differ when a run is continued (they do not change what is computed).
-RESUME_FREE_KEYS = ("trainer.resume", "teacher.outputs", "trainer.stop_at_step", "trainer.log_every_n_steps",
-                    "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger")
+RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.log_every_n_steps",
+                    "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger",
+                    "trainer.channels_last", "trainer.compile", "teacher.outputs")
 
 
 class RunInterrupted(Exception):
@@ -113,6 +116,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         check_same_run(cfg, resumed)
     overrides, group = _hydra_context()
     objective = build_objective(cfg.loss)
+    mix = MixSpec.from_config(cfg.augment.mix)
+    if mix.enabled and not objective.accepts_soft_targets:
+        raise UserError(f"loss={type(objective).__name__} indexes by the hard label, so it "
+                        "cannot train on mixup/CutMix batches (their targets are label "
+                        "mixtures)", "augment.mix",
+                        "Turn mixing off (augment.mix.mixup_alpha=0 augment.mix.cutmix_alpha=0 "
+                        "augment.mix.partial=null) or pick another loss")
     if objective.needs_teacher and model_node(cfg.teacher) is None:
         raise UserError(f"loss={type(objective).__name__} distils from a teacher but "
                         "teacher=none", "teacher",
@@ -125,6 +135,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     teacher, teacher_info = resolve_teacher(cfg, data, device, stage_printer, tty)
     torch.manual_seed(int(cfg.seed))
     student = build_model(cfg.student, "student", data).to(device)
+    if cfg.trainer.channels_last and len(data.input_shape) == 3:
+        # NHWC lets oneDNN/cuDNN pick faster conv kernels (measured in benchmarks/)
+        student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
     objective.to(device)
     params = list(student.parameters()) + list(objective.parameters())
     optimizer = build_optimizer(cfg.optimizer, params)
@@ -145,7 +160,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                "git": checkpoint.git_revision(), "run_dir": str(run_dir),
                "dataset": data.name, "student": cfg.student.arch,
                "teacher": cfg.teacher.get("arch"), "loss": cfg.loss._target_.rsplit(".", 1)[-1],
-               "wandb_id": logger.run_id, **teacher_info}
+               "wandb_id": logger.run_id, **teacher_info,
+               # whether the allocator settings of `distill` (cli.MALLOC_TUNING) are in force
+               "malloc_tuned": "MALLOC_MMAP_THRESHOLD_" in os.environ}
     write_json(run_dir / "summary.json", summary)
     reporter = ConsoleReporter(steps_per_epoch * int(cfg.trainer.epochs), tty=tty)
     meta = {"config": resolved, "overrides": overrides,
@@ -153,14 +170,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             "data": {"name": data.name, "num_classes": data.num_classes,
                      "input_shape": list(data.input_shape)},
             "git": summary["git"], "code_version": __version__}
-    outputs = teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporter)
+    outputs = teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporter, mix)
     summary.update(outputs.stats() if outputs is not None else
                    {"teacher/outputs": "live"} if teacher is not None else {})
     engine = Engine(student=student, teacher=teacher, objective=objective, data=data,
                     optimizer=optimizer, scheduler=scheduler, trainer_cfg=cfg.trainer,
                     data_seed=int(cfg.data_seed), device=device, run_dir=run_dir,
                     reporter=reporter, logger=logger, checkpoint_meta=meta, outputs=outputs,
-                    outputs_dtype=str(cfg.teacher.outputs_dtype))
+                    outputs_dtype=str(cfg.teacher.outputs_dtype), mix=mix)
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     exit_code = 1
     try:
@@ -210,7 +227,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         logger.finish(exit_code)
 
 
-def teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporter):
+def teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporter, mix):
     """A TeacherOutputs store when `teacher.outputs` (auto|store|live) and the method allow it."""
     mode = str(cfg.teacher.outputs)
     if mode not in ("auto", "store", "live"):
@@ -225,7 +242,7 @@ def teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporte
         reason = "the DataLoader path's teacher views are not stored"
     if reason is None and mode == "auto":
         need = TeacherOutputs.projected_bytes(data, int(cfg.trainer.epochs),
-                                              str(cfg.teacher.outputs_dtype))
+                                              str(cfg.teacher.outputs_dtype), mix)
         used = sum(f.stat().st_size for f in Path(cfg.store.root).expanduser().glob(
             "outputs/*/*.npy"))
         if used + need > float(cfg.store.max_gb) * 2**30:
@@ -250,7 +267,7 @@ def teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporte
                           data_seed=int(cfg.data_seed), device=device,
                           autocast=lambda: autocast(device, cfg.trainer.precision),
                           root=cfg.store.root, dtype=str(cfg.teacher.outputs_dtype),
-                          reporter=reporter)
+                          reporter=reporter, mix=mix)
 
 
 def final_evaluation(engine: Engine, run_dir: Path) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes
+from .data.mixing import MixSpec, training_batches
 from .store import Store, content_key
 from .tracking import read_json, write_json
 
@@ -46,13 +47,16 @@ def _checksum(arr: np.ndarray) -> str:
 class TeacherOutputs:
     def __init__(self, *, teacher, teacher_id: dict, data, batch_size: int, data_seed: int,
                  device: torch.device, autocast, root: str | Path, dtype: str = "float32",
-                 reporter=None):
+                 reporter=None, mix=None):
         self.teacher, self.data, self.batch_size = teacher, data, batch_size
         self.data_seed, self.device, self.autocast = data_seed, device, autocast
         self.dtype, self.reporter = dtype, reporter
-        self.augmented = bool(data.train.augment.enabled)
-        view = ({"augment": data.identity.get("augment"), "data_seed": data_seed,
-                 "batch_size": batch_size} if self.augmented else {"plain": True})
+        self.mix = mix or MixSpec()
+        # augmentation or mixing make every epoch's views different: one table per epoch
+        self.augmented = bool(data.train.augment.enabled) or self.mix.enabled
+        view = ({"augment": data.identity.get("augment"), "mix": self.mix.as_dict(),
+                 "data_seed": data_seed, "batch_size": batch_size}
+                if self.augmented else {"plain": True})
         common = {"format": FORMAT, "teacher": teacher_id, "data": data.identity, "dtype": dtype}
         self.key = content_key({**common, "view": view})
         # val/test are never augmented: one entry per teacher x data, whatever the data_seed
@@ -64,8 +68,8 @@ class TeacherOutputs:
 
     # ---------------------------------------------------------------- sizes for `auto`
     @staticmethod
-    def projected_bytes(data, epochs: int, dtype: str) -> int:
-        n_tables = epochs if data.train.augment.enabled else 1
+    def projected_bytes(data, epochs: int, dtype: str, mix=None) -> int:
+        n_tables = epochs if data.train.augment.enabled or (mix and mix.enabled) else 1
         rows = n_tables * len(data.train) + len(data.val) + len(data.test)
         return rows * data.num_classes * np.dtype(DTYPES[dtype]).itemsize
 
@@ -121,8 +125,9 @@ class TeacherOutputs:
         """[N_train, C] logits for the training batches of `epoch` (row = sample index)."""
         train = self.data.train
         if self.augmented:  # exactly the batches training will see in this epoch
-            return self.table(self.key, f"train_e{epoch:04d}", lambda: train.train_batches(
-                self.batch_size, self.data_seed, epoch), len(train))
+            return self.table(self.key, f"train_e{epoch:04d}", lambda: training_batches(
+                train, self.batch_size, self.data_seed, epoch, 0, self.mix,
+                self.data.num_classes), len(train))
         # No augmentation: one table for every epoch, covering the samples drop_last leaves out
         # of any particular epoch too. Computed at the training batch size, because a sample's
         # logits are bit-identical across batch compositions but not across batch sizes.

@@ -102,6 +102,7 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
              logger={"_target_": "distill_cli.tracking.NullLogger", "_partial_": True})
     c["trainer"].update(epochs=train["epochs"], batch_size=train["batch_size"], resume=None,
                         stop_at_step=None, checkpoint_every_n_steps=None)
+    c["augment"] = {"mix": {}}  # the student's mixing is a distillation choice, not the teacher's
     return OmegaConf.create(c)
 
 

@@ -139,3 +139,15 @@ def test_parallel_sweep_with_a_stored_teacher_and_its_report(tmp_path):
     ce = [s["best/test/acc1"] for s in summaries if s["loss"] == "CrossEntropy"]
     kd = [s["best/test/acc1"] for s in summaries if s["loss"] == "KD"]
     assert by_loss["KD"]["gain"] == pytest.approx(sum(kd) / 2 - sum(ce) / 2)
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_entry_point_sets_the_allocator_unless_opted_out(tmp_path, flag):
+    run_dir = tmp_path / "r"
+    env = {"DISTILL_MALLOC_TUNING": flag}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run([DISTILL, *DIGITS, "student=mlp", "loss=ce", "trainer.epochs=1",
+                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True,
+                          env={**clean, "WANDB_MODE": "disabled", **env}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run_dir / "summary.json").read_text())["malloc_tuned"] is (flag == "1")

@@ -133,3 +133,14 @@ def test_mnist1d_cnn1d_learns(tmp_path):
                             "optimizer=adamw", "optimizer.lr=3e-3", "optimizer.weight_decay=0",
                             "trainer.log_every_n_steps=20"]), tmp_path / "r", tty=False)
     assert summary["best/test/acc1"] > 40.0  # chance is 10%
+
+
+def test_real_fashion_mnist_run_of_a_few_hundred_steps(tmp_path):
+    """Real data: 200 steps of a small CNN on Fashion-MNIST (from Debian's package or data/)."""
+    summary = run(make_cfg(["dataset=fashion_mnist", "dataset.limit_train=25600",
+                            "dataset.limit_eval=2000", "logger=none", "student=cnn_small",
+                            "loss=ce", "trainer.epochs=1", "trainer.batch_size=128",
+                            "optimizer.lr=0.1", "trainer.log_every_n_steps=50"]),
+                  tmp_path / "fm", tty=False)
+    assert summary["step"] == 200
+    assert summary["best/test/acc1"] > 75.0  # chance is 10%; ~80% after 200 steps

@@ -12,7 +12,7 @@ import torch
 
 from distill_cli import build
 from distill_cli.engine import autocast, teacher_logits
-from distill_cli.launcher import run
+from distill_cli.launcher import RunInterrupted, run
 from distill_cli.teacher_outputs import TeacherOutputs
 
 from conftest import DIGITS, make_cfg
@@ -152,3 +152,31 @@ def test_float16_outputs_quantise_the_live_path_alike(tmp_path, home):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert list((home / "outputs").glob("*/train.npy"))
     assert np.load(next((home / "outputs").glob("*/train.npy"))).dtype == np.float16
+
+
+def test_mixup_batches_are_stored_exactly_and_resume_bit_exactly(tmp_path, home):
+    """The teacher sees the same mixed batch whether its outputs are live or stored, and a
+    stopped mixup run resumes to the uninterrupted run's weights."""
+    base = DIGITS + ["teacher=resnet8", "teacher.train.epochs=1", "student=mlp", "loss=kd",
+                     "augment.mix.mixup_alpha=0.4", "augment.mix.cutmix_alpha=1.0"]
+    live = run(make_cfg(base + ["teacher.outputs=live"]), tmp_path / "live", tty=False)
+    stored = run(make_cfg(base + ["teacher.outputs=store"]), tmp_path / "stored", tty=False)
+    assert stored["teacher/outputs"] == "stored" and live["teacher/outputs"] == "live"
+    a = torch.load(tmp_path / "live/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "stored/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RunInterrupted):
+        run(make_cfg(base + ["teacher.outputs=store", "trainer.stop_at_step=9"]),
+            tmp_path / "parted", tty=False)
+    run(make_cfg(base + ["teacher.outputs=store", "trainer.resume=auto"]), tmp_path / "parted",
+        tty=False)
+    c = torch.load(tmp_path / "parted/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_hard_label_losses_refuse_mixed_batches(tmp_path):
+    from distill_cli.errors import UserError
+    with pytest.raises(UserError) as info:
+        run(make_cfg(DIGITS + ["teacher=resnet8", "loss=dkd", "augment.mix.mixup_alpha=0.2"]),
+            tmp_path / "r", tty=False)
+    assert info.value.key == "augment.mix"

@@ -256,3 +256,17 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, spec: MixSpec,
     perm = perm.to(dev)
     y_soft = _blend(targets, targets[perm], lam)
     return x_out, y_soft, {"mode": mode, "lam": lam, "perm": perm, "box": box}
+
+
+def training_batches(split, batch_size: int, data_seed: int, epoch: int, start_step: int,
+                     spec: MixSpec, num_classes: int):
+    """The training batches of `epoch` as the student (and the teacher) see them: the split's
+    augmented batches, mixed when `spec` is enabled — still a pure function of
+    (data_seed, epoch, step), so stored teacher outputs and resumed runs match exactly."""
+    batches = split.train_batches(batch_size, data_seed, epoch, start_step=start_step)
+    for step, batch in enumerate(batches, start=start_step):
+        if spec.enabled:
+            x, y, _ = mix_batch(batch.x, batch.y, num_classes, spec,
+                                mix_generator(data_seed, epoch, step))
+            batch = batch._replace(x=x, y=y)
+        yield batch

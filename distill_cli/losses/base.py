@@ -34,6 +34,9 @@ class Objective(nn.Module):
     # True for methods whose teacher must run live every step (online teachers that train,
     # feature-based methods): their teacher logits are never served from the output store.
     live_teacher_only: bool = False
+    # False for methods that index by the hard label (DKD's masks, PLD's label-first order):
+    # they cannot train on mixup/CutMix batches, whose targets are label distributions.
+    accepts_soft_targets: bool = True
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor, ctx: StepContext | None = None) -> dict[str, torch.Tensor]:

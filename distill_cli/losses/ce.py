@@ -18,9 +18,10 @@ def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
     """Shape checks only (no value checks: those would force a device sync)."""
     if student_logits.dim() != 2:
         raise ValueError(f"student logits must be [B, C], got shape {tuple(student_logits.shape)}")
-    if targets.shape != student_logits.shape[:1]:
-        raise ValueError(f"targets must be [B] = [{student_logits.shape[0]}] class indices, "
-                         f"got shape {tuple(targets.shape)}")
+    if targets.shape != student_logits.shape[:1] and not (
+            targets.shape == student_logits.shape and targets.is_floating_point()):
+        raise ValueError(f"targets must be [B] = [{student_logits.shape[0]}] class indices or "
+                         f"[B, C] label distributions (mixup), got shape {tuple(targets.shape)}")
     if needs_teacher:
         if teacher_logits is None:
             raise ValueError("this objective needs teacher logits, got None")

@@ -73,6 +73,8 @@ class DKD(Objective):
     `warmup_weight` (w). The teacher logits are detached.
     """
 
+    accepts_soft_targets = False  # indexes by the hard label
+
     needs_teacher = True
 
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0,

@@ -29,9 +29,12 @@ def check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None
 
 
 def check_labels(student_logits: torch.Tensor, targets: torch.Tensor | None) -> None:
-    """Hard labels: int64 class indices `[B]`."""
+    """Labels: int64 class indices `[B]`, or `[B, C]` float label distributions (mixup/CutMix
+    batches; only objectives with `accepts_soft_targets` get those)."""
     if targets is None:
         raise ValueError("this objective needs class labels, got targets=None")
+    if targets.shape == student_logits.shape and targets.is_floating_point():
+        return
     if targets.shape != student_logits.shape[:1] or targets.is_floating_point():
         raise ValueError(f"targets must be [B] = [{student_logits.shape[0]}] integer class "
                          f"indices, got shape {tuple(targets.shape)} dtype {targets.dtype}")

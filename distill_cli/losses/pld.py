@@ -57,6 +57,8 @@ class PLD(Objective):
     Terms: `loss` (= `pld`), `pld`. The teacher logits are detached. Needs hard labels.
     """
 
+    accepts_soft_targets = False  # indexes by the hard label
+
     needs_teacher = True
     uses_labels = True
 
