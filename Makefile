@@ -24,8 +24,11 @@ install: $(VENV)/.installed  ## create .venv with torch 2.14.1 and distill_cli[d
 data: install  ## make Fashion-MNIST available (local, Debian package, or torchvision download)
 	$(PY) -m distill_cli.data.fetch fashion_mnist
 
-run: install data  ## the main job: the recipe `make_run` (teacher, then a KD student)
-	$(DISTILL) recipe=make_run
+run: install data  ## the main job: quickstart sweep (teacher once; CE, KD, DKD students) + report
+	@sweep=multirun/quickstart-$$(date +%Y%m%d-%H%M%S); \
+	$(DISTILL) -m recipe=quickstart loss=ce,kd,dkd hydra.sweep.dir=$$sweep && \
+	$(VENV)/bin/distill-report $$sweep --plot $$sweep/report.png && \
+	echo "report plot: $$sweep/report.png"
 
 test: install data  ## the test suite (~10 min on 2 cores); slow tests: make test-slow
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
@@ -33,7 +36,10 @@ test: install data  ## the test suite (~10 min on 2 cores); slow tests: make tes
 test-slow: install data  ## also the slow, longer real-data tests
 	$(PY) -m pytest -q -n 2 -m "slow or not slow" $(PYTEST_ARGS)
 
+bench: install data  ## speed benchmark (ratios side by side) -> benchmarks/results/speed.md
+	$(PY) benchmarks/bench_speed.py --out benchmarks/results/speed.md
+
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install data run test test-slow clean
+.PHONY: help install data run test test-slow bench clean

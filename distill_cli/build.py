@@ -15,6 +15,9 @@ from .errors import UserError
 ALLOWED_PREFIXES = ("distill_cli.", "torch.optim.")
 # Keys of the teacher node that describe where its weights come from, not the architecture.
 TEACHER_SOURCE_KEYS = ("checkpoint", "seed", "train", "outputs", "outputs_dtype")
+# Keys of a loss node that the launcher reads, not the objective's constructor (BD-KD's online
+# teacher trains with its own optimizer and scheduler).
+LOSS_RUN_KEYS = ("teacher_optimizer", "teacher_scheduler")
 
 
 def _check_targets(node: Any, key: str) -> None:
@@ -72,6 +75,9 @@ def build_data(node: DictConfig):
 
 
 def build_objective(node: DictConfig):
+    if any(k in node for k in LOSS_RUN_KEYS):
+        plain = OmegaConf.to_container(node, resolve=True)
+        node = OmegaConf.create({k: v for k, v in plain.items() if k not in LOSS_RUN_KEYS})
     return instantiate(node, "loss")
 
 

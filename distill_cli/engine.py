@@ -2,7 +2,9 @@
 
 Per step: batch (a pure function of seed, epoch, step) → teacher logits under inference
 mode → student forward → objective terms → backward → optimizer and scheduler step →
-objective.after_step. Loss terms accumulate on the device and are read only every
+objective.after_step. Two variants: several frozen teachers (`teachers`, stacked `[K, B, C]`
+logits), and an online teacher (`objective.online_teacher`: it trains alongside the student with
+its own optimizer/scheduler, in train mode, and is saved in checkpoints). Loss terms accumulate on the device and are read only every
 `log_every_n_steps` steps, so the hot loop has no host-device synchronisation.
 """
 from __future__ import annotations
@@ -98,14 +100,23 @@ class Engine:
     def __init__(self, *, student: nn.Module, teacher: nn.Module | None, objective: Objective,
                  data, optimizer, scheduler, trainer_cfg, data_seed: int, device: torch.device,
                  run_dir: Path, reporter, logger, checkpoint_meta: dict, outputs=None,
-                 outputs_dtype: str = "float32", mix: MixSpec | None = None):
+                 outputs_dtype: str = "float32", mix: MixSpec | None = None,
+                 teachers: list[nn.Module] | None = None, teacher_optimizer=None,
+                 teacher_scheduler=None):
         self.student, self.teacher, self.objective = student, teacher, objective
+        # several frozen teachers (multi-teacher objectives); `teacher` is then None
+        self.teachers = list(teachers or [])
+        # an online teacher trains with the student: its optimizer/scheduler step every step
+        self.online = teacher is not None and objective.online_teacher
+        if self.online and (teacher_optimizer is None or teacher_scheduler is None):
+            raise ValueError("an online teacher needs teacher_optimizer and teacher_scheduler")
+        self.teacher_optimizer, self.teacher_scheduler = teacher_optimizer, teacher_scheduler
         self.data, self.optimizer, self.scheduler = data, optimizer, scheduler
         self.cfg, self.data_seed, self.device = trainer_cfg, data_seed, device
         # stored teacher logits (TeacherOutputs) or None for a live teacher forward
         self.outputs, self.outputs_dtype = outputs, outputs_dtype
         self.mix = mix or MixSpec()
-        self.uses_teacher = teacher is not None and objective.needs_teacher
+        self.uses_teacher = (teacher is not None or bool(self.teachers)) and objective.needs_teacher
         self.channels_last = bool(trainer_cfg.get("channels_last", False))
         # torch.compile wraps the module for the forward only; state dicts stay un-prefixed
         self.forward = torch.compile(student) if trainer_cfg.get("compile", False) else student
@@ -122,12 +133,16 @@ class Engine:
     # ------------------------------------------------------------------ checkpoints
     def payload(self) -> dict:
         s = self.state
+        online = {"teacher_model": self.teacher.state_dict(),
+                  "teacher_optimizer": self.teacher_optimizer.state_dict(),
+                  "teacher_scheduler": self.teacher_scheduler.state_dict()} if self.online else {}
         return {
             **self.meta,
             "model": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "objective": self.objective.state_dict(),
+            **online,
             "state": {k: v for k, v in asdict(s).items()},
             "rng": checkpoint.rng_state(),
             "wandb_id": self.logger.run_id,
@@ -138,6 +153,10 @@ class Engine:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.objective.load_state_dict(ckpt["objective"])
+        if self.online:
+            self.teacher.load_state_dict(ckpt["teacher_model"])
+            self.teacher_optimizer.load_state_dict(ckpt["teacher_optimizer"])
+            self.teacher_scheduler.load_state_dict(ckpt["teacher_scheduler"])
         self.state = TrainState(**ckpt["state"])
         checkpoint.set_rng_state(ckpt["rng"])
 
@@ -146,8 +165,9 @@ class Engine:
 
     # ------------------------------------------------------------------ evaluation
     def val_reference(self):
-        """Teacher logits on val, computed once: val is never augmented, so they are fixed."""
-        if self.teacher is not None and self._val_teacher_logits is None:
+        """Teacher logits on val, computed once: val is never augmented, so they are fixed —
+        except for an online teacher, which changes every step (recomputed per call)."""
+        if self.teacher is not None and (self._val_teacher_logits is None or self.online):
             self._val_teacher_logits = self.teacher_eval_logits("val")
         return self._val_teacher_logits
 
@@ -172,16 +192,37 @@ class Engine:
             t_logits = None
             if table is not None:
                 t_logits = table.index_select(0, batch.index)
+            elif self.online:   # train mode, with gradient: the teacher learns too
+                t_logits = self.teacher(batch.x).float()
+            elif self.teachers:
+                t_logits = torch.stack([teacher_logits(t, batch.x, self.outputs_dtype)
+                                        for t in self.teachers])
             elif self.uses_teacher:
                 t_logits = teacher_logits(self.teacher, batch.x, self.outputs_dtype)
             s_logits = self.forward(batch.x).float()
-            terms = self.objective(s_logits, t_logits, batch.y, ctx)
+            if self.online:
+                terms = self.objective(s_logits, t_logits.detach(), batch.y, ctx)
+                teacher_terms = self.objective.teacher_terms(t_logits, s_logits.detach(),
+                                                             batch.y, ctx)
+            else:
+                terms = self.objective(s_logits, t_logits, batch.y, ctx)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        if self.online:
+            # each loss only reaches its own network (the other side is detached): one backward
+            self.teacher_optimizer.zero_grad(set_to_none=True)
+            (terms["loss"] + teacher_terms["loss"]).backward()
+            terms = {**terms, **{f"teacher_{k}": v for k, v in teacher_terms.items()}}
+        else:
+            terms["loss"].backward()
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.student.parameters(), float(self.cfg.grad_clip))
+            if self.online:
+                nn.utils.clip_grad_norm_(self.teacher.parameters(), float(self.cfg.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
+        if self.online:
+            self.teacher_optimizer.step()
+            self.teacher_scheduler.step()
         self.objective.after_step(terms, ctx)
         return terms
 
@@ -192,6 +233,8 @@ class Engine:
         ckpt_every = int(cfg.checkpoint_every_n_steps or 0)
         stop_at = cfg.stop_at_step
         self.student.train()
+        if self.online:
+            self.teacher.train()
         self.reporter.start(completed=s.step)
         with self.stop.installed():
             while s.epoch < int(cfg.epochs):
@@ -250,8 +293,12 @@ class Engine:
         s.images_per_s = s.epoch_images / max(s.epoch_train_s, 1e-9)
         row["train/images_per_s"] = s.images_per_s
         row["lr"] = self.optimizer.param_groups[0]["lr"]
-        val = self.evaluate(self.student, self.data.val, self.val_reference())
+        reference = self.val_reference()
+        val = self.evaluate(self.student, self.data.val, reference)
         row.update({f"val/{k}": v for k, v in val.items() if k != "n"})
+        if self.online:   # the online teacher is a trained result too: track it every epoch
+            t_val = score(reference, self.data.val.targets)
+            row.update({f"val/teacher_{k}": v for k, v in t_val.items() if k != "n"})
         s.epoch, s.epoch_step, s.epoch_sums = epoch, 0, {}
         s.epoch_images, s.epoch_train_s = 0, 0.0
         if val["acc1"] > s.best_acc1:

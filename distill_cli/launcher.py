@@ -17,15 +17,20 @@ from .data import InMemorySplit
 from .data.mixing import MixSpec
 from .engine import Engine, autocast, score
 from .errors import UserError
+from .privacy import membership_auc
 from .runs import check_run_dir, resolve_resume
 from .teacher_outputs import TeacherOutputs, checkpoint_identity
-from .teachers import resolve_teacher
+from .teacher_pool import resolve_pool
+from .teachers import check_teachers, resolve_teacher
 from .tracking import ConsoleReporter, MetricsFile, read_json, write_json
 
 # Keys that may differ when a run is continued (they do not change what is computed).
 RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.log_every_n_steps",
                     "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger",
-                    "trainer.channels_last", "trainer.compile", "teacher.outputs")
+                    "trainer.channels_last", "trainer.compile", "teacher.outputs", "eval")
+# Keys added after checkpoints already existed, with the value that reproduces what those runs
+# computed: a checkpoint without the key counts as having that value.
+ADDED_KEYS = {"teachers": [], "self_distill.generations": 0, "self_distill.alpha": 0.5}
 
 
 class RunInterrupted(Exception):
@@ -63,7 +68,7 @@ def check_same_run(cfg: DictConfig, ckpt: dict) -> None:
     now = OmegaConf.to_container(cfg, resolve=True)
     then = ckpt["config"]
     diffs = [k for k in _flat_keys(now) | _flat_keys(then)
-             if not k.startswith(RESUME_FREE_KEYS) and _get(now, k) != _get(then, k)
+             if not k.startswith(RESUME_FREE_KEYS) and _get(now, k) != _then(then, k)
              and k != "trainer.epochs"]
     if diffs:
         shown = ", ".join(f"{k}: {_get(then, k)!r} → {_get(now, k)!r}" for k in sorted(diffs)[:6])
@@ -80,12 +85,32 @@ def _flat_keys(d: dict, prefix: str = "") -> set[str]:
     return keys
 
 
-def _get(d: dict, dotted: str):
+def _get(d: dict, dotted: str, missing=None):
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
-            return None
+            return missing
         d = d[part]
     return d
+
+
+def _then(then: dict, dotted: str):
+    return _get(then, dotted, ADDED_KEYS.get(dotted))
+
+
+def mia_settings(cfg: DictConfig, objective) -> dict | None:
+    """`membership_auc` keyword arguments when `eval.mia` asks for it (auto: the objective's
+    `measures_privacy`), else None."""
+    mode = OmegaConf.select(cfg, "eval.mia", default="auto")
+    if mode not in ("auto", True, False):
+        raise UserError(f"eval.mia={mode} is not an option", "eval.mia", "Use auto, true or false")
+    if not (objective.measures_privacy if mode == "auto" else mode):
+        return None
+    limit = OmegaConf.select(cfg, "eval.mia_max_samples", default=None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"eval.mia_max_samples={limit} must be a positive integer or null",
+                        "eval.mia_max_samples", "Use e.g. 10000")
+    return {"batch_size": int(cfg.trainer.eval_batch_size), "max_samples": limit,
+            "seed": int(cfg.seed)}
 
 
 def _hydra_context() -> tuple[list[str], str | None]:
@@ -106,6 +131,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         data=None) -> dict:
     """Train one run into `run_dir` (default: Hydra's output dir); `data` reuses a loaded
     DataBundle (the teacher store trains teachers on the student's data)."""
+    if OmegaConf.select(cfg, "self_distill.generations", default=0):
+        from .self_distill import run_generations  # one run() per generation (self_distill.py)
+        return run_generations(cfg, run_dir, tty, data)
     started = time.time()
     validate(cfg)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
@@ -123,23 +151,28 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                         "mixtures)", "augment.mix",
                         "Turn mixing off (augment.mix.mixup_alpha=0 augment.mix.cutmix_alpha=0 "
                         "augment.mix.partial=null) or pick another loss")
-    if objective.needs_teacher and model_node(cfg.teacher) is None:
-        raise UserError(f"loss={type(objective).__name__} distils from a teacher but "
-                        "teacher=none", "teacher",
-                        "Name a teacher and its weights (teacher=resnet20 "
-                        "teacher.checkpoint=<run>/checkpoints/best.pt), or use loss=ce")
+    check_teachers(cfg, objective)
+    mia = mia_settings(cfg, objective)
 
     device = pick_device(cfg.trainer.device)
     data = data if data is not None else build_data(cfg.dataset).to(device)
     stage_printer = ConsoleReporter(0, tty=tty)
-    teacher, teacher_info = resolve_teacher(cfg, data, device, stage_printer, tty)
+    teachers = []
+    if objective.multiple_teachers:
+        teacher = None
+        teachers, scores, teacher_info = resolve_pool(cfg, data, device, stage_printer, tty)
+        objective.set_scores(scores)
+        teacher_info["teachers/weights"] = objective.teacher_weights.tolist()
+    else:
+        teacher, teacher_info = resolve_teacher(cfg, data, device, stage_printer, tty,
+                                                online=objective.online_teacher)
     torch.manual_seed(int(cfg.seed))
     student = build_model(cfg.student, "student", data).to(device)
     if cfg.trainer.channels_last and len(data.input_shape) == 3:
         # NHWC lets oneDNN/cuDNN pick faster conv kernels (measured in benchmarks/)
-        student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
+        for model in (student, teacher, *teachers):
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
     objective.to(device)
     params = list(student.parameters()) + list(objective.parameters())
     optimizer = build_optimizer(cfg.optimizer, params)
@@ -150,6 +183,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                         "Lower trainer.batch_size or raise dataset.limit_train")
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch,
                                 int(cfg.trainer.epochs))
+    teacher_optimizer = teacher_scheduler = None
+    if objective.online_teacher:   # its own optimizer/scheduler (default: the student's settings)
+        teacher_optimizer = build_optimizer(cfg.loss.get("teacher_optimizer", cfg.optimizer),
+                                            list(teacher.parameters()))
+        teacher_scheduler = build_scheduler(cfg.loss.get("teacher_scheduler", cfg.scheduler),
+                                            teacher_optimizer, steps_per_epoch,
+                                            int(cfg.trainer.epochs))
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     previous = (read_json(run_dir / "summary.json") or {}) if continuing else {}
@@ -172,12 +212,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             "git": summary["git"], "code_version": __version__}
     outputs = teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporter, mix)
     summary.update(outputs.stats() if outputs is not None else
-                   {"teacher/outputs": "live"} if teacher is not None else {})
+                   {"teacher/outputs": "live"} if teacher is not None or teachers else {})
     engine = Engine(student=student, teacher=teacher, objective=objective, data=data,
                     optimizer=optimizer, scheduler=scheduler, trainer_cfg=cfg.trainer,
                     data_seed=int(cfg.data_seed), device=device, run_dir=run_dir,
                     reporter=reporter, logger=logger, checkpoint_meta=meta, outputs=outputs,
-                    outputs_dtype=str(cfg.teacher.outputs_dtype), mix=mix)
+                    outputs_dtype=str(cfg.teacher.outputs_dtype), mix=mix, teachers=teachers,
+                    teacher_optimizer=teacher_optimizer, teacher_scheduler=teacher_scheduler)
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     exit_code = 1
     try:
@@ -207,7 +248,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                            f"distill {' '.join(overrides)} hydra.run.dir={run_dir} "
                            "trainer.resume=auto")
             raise RunInterrupted(exit_code, run_dir)
-        summary.update(final_evaluation(engine, run_dir))
+        summary.update(final_evaluation(engine, run_dir, mia))
         if outputs is not None:
             summary.update(outputs.stats())
         summary["status"] = "finished"
@@ -270,20 +311,31 @@ def teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporte
                           reporter=reporter, mix=mix)
 
 
-def final_evaluation(engine: Engine, run_dir: Path) -> dict:
-    """Test accuracy of the best (by val) and last weights, and of the teacher — once."""
+def final_evaluation(engine: Engine, run_dir: Path, mia: dict | None = None) -> dict:
+    """Test accuracy of the best (by val) and last weights, and of the teacher(s) — once (an
+    online teacher: its final weights). With `mia` (membership_auc options), membership
+    inference of the best weights (`mia/*`) and of the teacher (`teacher/mia/*`)."""
     out = {}
     reference = None
+    data = engine.data
     if engine.teacher is not None:
         reference = engine.teacher_eval_logits("test")
-        t = score(reference, engine.data.test.targets)
+        t = score(reference, data.test.targets)
         out.update({f"teacher/test/{k}": v for k, v in t.items() if k != "n"})
-    last = engine.evaluate(engine.student, engine.data.test, reference)
+        if mia is not None:
+            out.update({f"teacher/{k}": v for k, v in membership_auc(
+                engine.teacher, data.train, data.test, **mia).items()})
+    for i, model in enumerate(engine.teachers):
+        t = engine.evaluate(model, data.test)
+        out.update({f"teachers/{i}/test/{k}": v for k, v in t.items() if k != "n"})
+    last = engine.evaluate(engine.student, data.test, reference)
     out.update({f"last/test/{k}": v for k, v in last.items() if k != "n"})
     best_state = checkpoint.load(run_dir / "checkpoints" / "best.pt", "trainer")["model"]
     current = {k: v.clone() for k, v in engine.student.state_dict().items()}
     engine.student.load_state_dict(best_state)
-    best = engine.evaluate(engine.student, engine.data.test, reference)
+    best = engine.evaluate(engine.student, data.test, reference)
+    if mia is not None:
+        out.update(membership_auc(engine.student, data.train, data.test, **mia))
     engine.student.load_state_dict(current)
     out.update({f"best/test/{k}": v for k, v in best.items() if k != "n"})
     return out

@@ -17,7 +17,9 @@ def check_run_dir(run_dir: Path, resume: str | None) -> bool:
     has_last = (run_dir / LAST).is_file()
     status = summary.get("status")
     if resume == "auto":
-        if not has_last:
+        # a self-distillation run (`generations` in its summary) is made of generation run dirs
+        # and has no last.pt of its own: it continues from them
+        if not has_last and "generations" not in summary:
             raise UserError(f"trainer.resume=auto but {run_dir} has no checkpoints/last.pt "
                             "to continue", "trainer.resume",
                             "Point hydra.run.dir at the run to continue, pass "

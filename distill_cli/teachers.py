@@ -1,13 +1,16 @@
-"""Resolve the teacher: none, a checkpoint, or the teacher store (trained once, then reused).
+"""Resolve the teacher: none, a checkpoint, or the teacher store (trained once, then reused) —
+or, for online objectives (BD-KD), a fresh teacher that trains with the student.
 
 Whatever the source, the architecture and class count are checked against the dataset before
-the student's training starts, and the teacher comes back frozen: eval mode, no gradients,
-never in the optimizer.
+the student's training starts, and a non-online teacher comes back frozen: eval mode, no
+gradients, never in the optimizer.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
+
+from types import SimpleNamespace
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -15,21 +18,24 @@ from torch import nn
 
 from . import checkpoint
 from .build import TEACHER_SOURCE_KEYS, build_model, model_node
+from .data.bundle import derive_seed
 from .errors import UserError
 from .store import Store, content_key
 
 STORE_FORMAT = 1  # bump when the meaning of a stored teacher changes
 
 
-def check_compatible(ckpt: dict, arch: DictConfig, data, key: str) -> None:
-    """The checkpoint must hold this architecture, trained for this dataset's classes/inputs."""
+def check_compatible(ckpt: dict, arch: DictConfig, data, key: str,
+                     any_classes: bool = False) -> None:
+    """The checkpoint must hold this architecture, trained for this dataset's classes/inputs
+    (`any_classes`: another class count is fine — a teacher from another task)."""
     saved_arch = ckpt["model_config"].get("arch")
     if saved_arch != arch.arch:
         raise UserError(f"The checkpoint holds a `{saved_arch}` but teacher={arch.arch} was asked "
                         "for", "teacher", f"Set teacher={saved_arch}, or point "
                         f"`{key}` at a {arch.arch} checkpoint")
     saved = ckpt.get("data", {})
-    if saved.get("num_classes") != data.num_classes:
+    if saved.get("num_classes") != data.num_classes and not any_classes:
         raise UserError(f"The teacher checkpoint was trained for {saved.get('num_classes')} "
                         f"classes ({saved.get('name')}) but dataset {data.name} has "
                         f"{data.num_classes}", key,
@@ -41,9 +47,15 @@ def check_compatible(ckpt: dict, arch: DictConfig, data, key: str) -> None:
                         "Use a teacher trained on the same kind of input")
 
 
-def frozen_from_checkpoint(node: DictConfig, ckpt: dict, data, device, key: str) -> nn.Module:
+def frozen_from_checkpoint(node: DictConfig, ckpt: dict, data, device, key: str,
+                           any_classes: bool = False) -> nn.Module:
+    """The checkpoint's model, frozen. With `any_classes` it keeps the class count it was trained
+    for (its head may not predict this dataset's classes)."""
     arch = model_node(node)
-    check_compatible(ckpt, arch, data, key)
+    check_compatible(ckpt, arch, data, key, any_classes)
+    if any_classes:
+        data = SimpleNamespace(num_classes=ckpt["data"]["num_classes"],
+                               input_shape=data.input_shape)
     model = build_model(node, "teacher", data)
     try:
         model.load_state_dict(ckpt["model"])
@@ -99,7 +111,8 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
                     "_target_": None, "arch": None, "checkpoint": None}
     c.update(loss=train["loss"], optimizer=train["optimizer"], scheduler=train["scheduler"],
              seed=teacher["seed"],
-             logger={"_target_": "distill_cli.tracking.NullLogger", "_partial_": True})
+             logger={"_target_": "distill_cli.tracking.NullLogger", "_partial_": True},
+             teachers=[], self_distill={**c.get("self_distill", {}), "generations": 0})
     c["trainer"].update(epochs=train["epochs"], batch_size=train["batch_size"], resume=None,
                         stop_at_step=None, checkpoint_every_n_steps=None)
     c["augment"] = {"mix": {}}  # the student's mixing is a distillation choice, not the teacher's
@@ -146,9 +159,56 @@ def _train_into_store(cfg, data, store: Store, key: str, desc: dict, reporter, t
     return store.publish(key, staging, meta)
 
 
-def resolve_teacher(cfg: DictConfig, data, device: torch.device, reporter=None, tty=None
+def check_teachers(cfg: DictConfig, objective) -> None:
+    """The teacher setup the objective needs: one teacher, a pool (`teachers`), or none."""
+    name = type(objective).__name__
+    pool = list(OmegaConf.select(cfg, "teachers", default=[]) or [])
+    if objective.multiple_teachers:
+        if model_node(cfg.teacher) is not None:
+            raise UserError(f"loss={name} distils from the `teachers` pool, but teacher="
+                            f"{cfg.teacher.arch} was also given", "teacher",
+                            "Use teacher=none and list the teachers in `teachers`")
+        if not pool:
+            raise UserError(f"loss={name} needs a pool of teachers but `teachers` is empty",
+                            "teachers", "Pass e.g. 'teachers=[{arch: resnet8, checkpoint: "
+                            "<run>/checkpoints/best.pt}, {arch: resnet8, seed: 1}]'")
+        return
+    if pool:
+        raise UserError(f"`teachers` is set but loss={name} distils from one teacher", "teachers",
+                        "Use loss=multi_teacher, or drop `teachers` and set `teacher`")
+    if objective.needs_teacher and model_node(cfg.teacher) is None:
+        if objective.online_teacher:
+            raise UserError(f"loss={name} trains a teacher alongside the student but teacher=none",
+                            "teacher", "Name the teacher's architecture, e.g. teacher=resnet20 "
+                            "(it starts from scratch; no checkpoint)")
+        raise UserError(f"loss={name} distils from a teacher but "
+                        "teacher=none", "teacher",
+                        "Name a teacher and its weights (teacher=resnet20 "
+                        "teacher.checkpoint=<run>/checkpoints/best.pt), or use loss=ce")
+
+
+def online_teacher(cfg: DictConfig, data, device) -> tuple[nn.Module, dict]:
+    """A freshly initialised teacher that trains with the student (BD-KD): no store, no
+    checkpoint. Its init seed is derived from `teacher.seed` (not equal to it), so a teacher and
+    student of the same architecture never start as the same network."""
+    node = cfg.teacher
+    if node.get("checkpoint") or model_node(node).get("weights"):
+        raise UserError(f"loss={cfg.loss._target_.rsplit('.', 1)[-1]} trains its teacher from "
+                        "scratch with the student, so it takes no teacher weights",
+                        "teacher.checkpoint" if node.get("checkpoint") else "teacher.weights",
+                        "Drop teacher.checkpoint / teacher.weights (teacher.seed sets the "
+                        "online teacher's initialisation)")
+    torch.manual_seed(derive_seed("online-teacher", int(node.seed)))
+    model = build_model(node, "teacher", data).to(device).train()
+    return model, {"teacher/source": "online", "teacher/seed": int(node.seed)}
+
+
+def resolve_teacher(cfg: DictConfig, data, device: torch.device, reporter=None, tty=None, *,
+                    online: bool = False, any_classes: bool = False
                     ) -> tuple[nn.Module | None, dict]:
-    """Return (frozen teacher or None, summary fields describing where it came from)."""
+    """Return (teacher or None, summary fields describing where it came from). The teacher is
+    frozen, except with `online` (a fresh, trainable one); `any_classes` accepts a checkpoint
+    trained for another class count (a source teacher of the multi-teacher pool)."""
     node = cfg.teacher
     arch = model_node(node)
     if arch is None:
@@ -156,12 +216,14 @@ def resolve_teacher(cfg: DictConfig, data, device: torch.device, reporter=None, 
             raise UserError("`teacher.checkpoint` is set but teacher=none", "teacher",
                             "Also name the teacher architecture, e.g. teacher=resnet20")
         return None, {}
+    if online:
+        return online_teacher(cfg, data, device)
     if not node.get("checkpoint") and arch.get("weights"):
         return pretrained(arch, data, device), {"teacher/source": f"weights:{arch.weights}"}
     if not node.get("checkpoint"):
         return from_store(cfg, data, device, reporter, tty)
     ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint")
-    model = frozen_from_checkpoint(node, ckpt, data, device, "teacher.checkpoint")
+    model = frozen_from_checkpoint(node, ckpt, data, device, "teacher.checkpoint", any_classes)
     return model, {"teacher/source": "checkpoint",
                    "teacher/checkpoint": str(Path(node.checkpoint).expanduser())}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Tests never talk to W&B servers; the offline-W&B test sets WANDB_MODE itself.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Never touch the user's ~/.cache/distill_cli: a throwaway store for this test session
+# (tests that inspect the store point DISTILL_HOME at their own tmp_path).
+os.environ["DISTILL_HOME"] = tempfile.mkdtemp(prefix="distill-test-home-")
 torch.set_num_threads(1)  # pytest-xdist runs one worker per core
 
 # A tiny, fast run on sklearn digits (1x8x8, 10 classes): the integration tests' base.

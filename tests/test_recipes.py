@@ -71,15 +71,17 @@ def test_cifar_dkd_recipes_follow_the_protocol(recipe, pair, beta):
     assert cfg.optimizer.lr == (0.01 if pair[1] == "mobilenetv2" else 0.05)
 
 
-def test_quickstart_and_bench_share_one_teacher():
+@pytest.mark.parametrize("recipe", ["quickstart", "fmnist_bench"])
+def test_a_recipe_sweep_shares_one_teacher(recipe):
     from distill_cli.teachers import teacher_description
     fake = fake_data(shape=[1, 28, 28], num_classes=10, train_size=8, test_size=4)
-    keys = {str(teacher_description(make_cfg([f"recipe={r}", f"loss={loss}"]), fake))
-            for r in ("quickstart", "fmnist_bench") for loss in ("ce", "kd", "dkd")}
+    keys = {str(teacher_description(make_cfg([f"recipe={recipe}", f"loss={loss}",
+                                              f"seed={seed}"]), fake))
+            for loss in ("ce", "kd", "dkd", "pld", "dist") for seed in (0, 1)}
     assert len(keys) == 1
 
 
 def test_command_line_beats_the_recipe():
     cfg = make_cfg(["recipe=quickstart", "loss=dkd", "trainer.epochs=2"])
     assert cfg.loss._target_.endswith("DKD") and cfg.trainer.epochs == 2
-    assert cfg.loss.warmup == 1  # the recipe's per-method option reaches DKD
+    assert cfg.loss.warmup == 2  # the recipe's per-method option reaches DKD

@@ -37,6 +37,17 @@ class Objective(nn.Module):
     # False for methods that index by the hard label (DKD's masks, PLD's label-first order):
     # they cannot train on mixup/CutMix batches, whose targets are label distributions.
     accepts_soft_targets: bool = True
+    # True for online distillation (BD-KD): the teacher is built fresh and TRAINS with the student
+    # (train mode, its own optimizer/scheduler, saved in checkpoints). The engine then passes the
+    # student objective DETACHED teacher logits and calls `teacher_terms(t, s, y, ctx)` for the
+    # teacher's own loss. Such objectives also set `live_teacher_only`.
+    online_teacher: bool = False
+    # True for objectives distilling from several teachers (the top-level `teachers` list): they
+    # get `[K, B, C]` stacked teacher logits (a `[B, C]` tensor counts as K = 1).
+    multiple_teachers: bool = False
+    # True for methods whose point is privacy (Swing): `eval.mia=auto` then measures membership
+    # inference of the final weights (distill_cli.privacy) into the summary.
+    measures_privacy: bool = False
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor, ctx: StepContext | None = None) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from distill_cli.losses.ce import _as_float
 
-__all__ = ["as_float", "check_pair", "check_labels", "soft_cross_entropy", "kl_from_log_probs",
-           "pearson"]
+__all__ = ["as_float", "check_pair", "check_labels", "label_distribution", "soft_cross_entropy",
+           "kl_from_log_probs", "pearson"]
 
 as_float = _as_float  # half/bfloat16 → float32; float32/float64 kept
 
@@ -38,6 +38,22 @@ def check_labels(student_logits: torch.Tensor, targets: torch.Tensor | None) -> 
     if targets.shape != student_logits.shape[:1] or targets.is_floating_point():
         raise ValueError(f"targets must be [B] = [{student_logits.shape[0]}] integer class "
                          f"indices, got shape {tuple(targets.shape)} dtype {targets.dtype}")
+
+
+def label_distribution(targets: torch.Tensor, batch: int, num_classes: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """`[B]` int labels → one-hot; `[B, C]` float label distributions (mixup) → as given
+    (detached)."""
+    if targets is None:
+        raise ValueError("this objective needs targets: [B] class indices or [B, C] label "
+                         "distributions")
+    if targets.dim() == 1 and not targets.is_floating_point() and targets.shape[0] == batch:
+        return F.one_hot(targets, num_classes).to(dtype)
+    if targets.dim() == 2 and targets.is_floating_point() and targets.shape == (batch, num_classes):
+        return as_float(targets).detach().to(dtype)
+    raise ValueError(f"targets must be [B] = [{batch}] integer class indices or [B, C] = "
+                     f"[{batch}, {num_classes}] float label distributions, got shape "
+                     f"{tuple(targets.shape)} dtype {targets.dtype}")
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:

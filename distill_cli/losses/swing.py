@@ -16,23 +16,9 @@ from distill_cli.data.bundle import derive_seed
 from distill_cli.errors import UserError
 from distill_cli.losses.base import Objective, StepContext
 from distill_cli.losses.functional import (as_float, check_pair, kl_from_log_probs,
-                                           soft_cross_entropy)
+                                           label_distribution, soft_cross_entropy)
 
 NOISE_KINDS = ("gaussian", "laplace")
-
-
-def label_distribution(targets: torch.Tensor, batch: int, num_classes: int,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """`[B]` int labels → one-hot; `[B, C]` float label distributions (mixup) → as given."""
-    if targets is None:
-        raise ValueError("Swing needs targets: [B] class indices or [B, C] label distributions")
-    if targets.dim() == 1 and not targets.is_floating_point() and targets.shape[0] == batch:
-        return F.one_hot(targets, num_classes).to(dtype)
-    if targets.dim() == 2 and targets.is_floating_point() and targets.shape == (batch, num_classes):
-        return as_float(targets).detach().to(dtype)
-    raise ValueError(f"Swing targets must be [B] = [{batch}] integer class indices or [B, C] = "
-                     f"[{batch}, {num_classes}] float label distributions, got shape "
-                     f"{tuple(targets.shape)} dtype {targets.dtype}")
 
 
 def privacy_score(teacher_logits: torch.Tensor, label_dist: torch.Tensor) -> torch.Tensor:
@@ -92,6 +78,7 @@ class Swing(Objective):
 
     needs_teacher = True
     uses_labels = True
+    measures_privacy = True  # eval.mia=auto → membership inference in the summary
 
     def __init__(self, t_min: float = 1.0, t_max: float = 8.0, noise_std: float = 0.5,
                  noise: str = "gaussian", noise_seed: int = 0, ce_weight: float = 0.1,
