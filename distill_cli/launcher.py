@@ -13,25 +13,15 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__, checkpoint
 from .build import (build_data, build_logger, build_model, build_objective, build_optimizer,
                     build_scheduler, model_node)
-from .data import InMemorySplit
 from .data.mixing import MixSpec
-from .engine import Engine, autocast, score
+from .engine import Engine, score
 from .errors import UserError
 from .privacy import membership_auc
-from .runs import check_run_dir, resolve_resume
-from .teacher_outputs import TeacherOutputs, checkpoint_identity
+from .runs import check_run_dir, check_same_run, resolve_resume
+from .teacher_outputs import outputs_for_run
 from .teacher_pool import resolve_pool
 from .teachers import check_teachers, resolve_teacher
 from .tracking import ConsoleReporter, MetricsFile, read_json, write_json
-
-# Keys that may differ when a run is continued (they do not change what is computed).
-RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.log_every_n_steps",
-                    "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger",
-                    "trainer.channels_last", "trainer.compile", "teacher.outputs", "eval")
-# Keys added after checkpoints already existed, with the value that reproduces what those runs
-# computed: a checkpoint without the key counts as having that value.
-ADDED_KEYS = {"teachers": [], "self_distill.generations": 0, "self_distill.alpha": 0.5}
-
 
 class RunInterrupted(Exception):
     """Training stopped early (signal or `trainer.stop_at_step`); last.pt is on disk."""
@@ -61,40 +51,6 @@ def validate(cfg: DictConfig) -> None:
     if model_node(cfg.student) is None:
         raise UserError("student=none: a run needs a student to train", "student",
                         "Pick an architecture, e.g. student=resnet8")
-
-
-def check_same_run(cfg: DictConfig, ckpt: dict) -> None:
-    """Continuing a run with different settings would silently mix two experiments."""
-    now = OmegaConf.to_container(cfg, resolve=True)
-    then = ckpt["config"]
-    diffs = [k for k in _flat_keys(now) | _flat_keys(then)
-             if not k.startswith(RESUME_FREE_KEYS) and _get(now, k) != _then(then, k)
-             and k != "trainer.epochs"]
-    if diffs:
-        shown = ", ".join(f"{k}: {_get(then, k)!r} → {_get(now, k)!r}" for k in sorted(diffs)[:6])
-        raise UserError(f"The checkpoint was trained with different settings ({shown})",
-                        "trainer.resume", "Repeat the original overrides when resuming "
-                        f"(they were: {' '.join(ckpt.get('overrides', [])) or 'none'})")
-
-
-def _flat_keys(d: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        keys |= _flat_keys(v, key + ".") if isinstance(v, dict) and v else {key}
-    return keys
-
-
-def _get(d: dict, dotted: str, missing=None):
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return missing
-        d = d[part]
-    return d
-
-
-def _then(then: dict, dotted: str):
-    return _get(then, dotted, ADDED_KEYS.get(dotted))
 
 
 def mia_settings(cfg: DictConfig, objective) -> dict | None:
@@ -210,7 +166,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             "data": {"name": data.name, "num_classes": data.num_classes,
                      "input_shape": list(data.input_shape)},
             "git": summary["git"], "code_version": __version__}
-    outputs = teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporter, mix)
+    outputs = outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporter, mix)
     summary.update(outputs.stats() if outputs is not None else
                    {"teacher/outputs": "live"} if teacher is not None or teachers else {})
     engine = Engine(student=student, teacher=teacher, objective=objective, data=data,
@@ -266,49 +222,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         raise
     finally:
         logger.finish(exit_code)
-
-
-def teacher_outputs(cfg, objective, teacher, teacher_info, data, device, reporter, mix):
-    """A TeacherOutputs store when `teacher.outputs` (auto|store|live) and the method allow it."""
-    mode = str(cfg.teacher.outputs)
-    if mode not in ("auto", "store", "live"):
-        raise UserError(f"teacher.outputs={mode} is not an option", "teacher.outputs",
-                        "Use auto, store or live")
-    if teacher is None or mode == "live":
-        return None
-    reason = None
-    if objective.live_teacher_only:
-        reason = f"{type(objective).__name__} needs the teacher run live (online or features)"
-    elif not isinstance(data.train, InMemorySplit):
-        reason = "the DataLoader path's teacher views are not stored"
-    if reason is None and mode == "auto":
-        need = TeacherOutputs.projected_bytes(data, int(cfg.trainer.epochs),
-                                              str(cfg.teacher.outputs_dtype), mix)
-        used = sum(f.stat().st_size for f in Path(cfg.store.root).expanduser().glob(
-            "outputs/*/*.npy"))
-        if used + need > float(cfg.store.max_gb) * 2**30:
-            reason = (f"the store would exceed store.max_gb={cfg.store.max_gb} "
-                      f"({(used + need) / 2**30:.1f} GiB)")
-    if reason is not None:
-        if mode == "store":
-            raise UserError(f"teacher.outputs=store is not possible: {reason}",
-                            "teacher.outputs", "Use teacher.outputs=auto or live")
-        reporter.stage(f"teacher outputs: live ({reason})")
-        return None
-    if "teacher/key" in teacher_info:
-        teacher_id = {"store": teacher_info["teacher/key"]}
-    elif "teacher/checkpoint" in teacher_info:
-        teacher_id = checkpoint_identity(teacher_info["teacher/checkpoint"])
-    else:
-        teacher_id = {"source": teacher_info.get("teacher/source"),
-                      "model": OmegaConf.to_container(model_node(cfg.teacher))}
-    teacher_id["precision"] = str(cfg.trainer.precision)
-    return TeacherOutputs(teacher=teacher, teacher_id=teacher_id, data=data,
-                          batch_size=int(cfg.trainer.batch_size),
-                          data_seed=int(cfg.data_seed), device=device,
-                          autocast=lambda: autocast(device, cfg.trainer.precision),
-                          root=cfg.store.root, dtype=str(cfg.teacher.outputs_dtype),
-                          reporter=reporter, mix=mix)
 
 
 def final_evaluation(engine: Engine, run_dir: Path, mia: dict | None = None) -> dict:

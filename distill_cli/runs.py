@@ -3,10 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
 from .errors import UserError
 from .tracking import read_json
 
 LAST = Path("checkpoints") / "last.pt"
+
+# Keys that may differ when a run is continued (they do not change what is computed).
+RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.log_every_n_steps",
+                    "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger",
+                    "trainer.channels_last", "trainer.compile", "teacher.outputs", "eval")
+# Keys added after checkpoints already existed, with the value that reproduces what those runs
+# computed: a checkpoint without the key counts as having that value.
+ADDED_KEYS = {"teachers": [], "self_distill.generations": 0, "self_distill.alpha": 0.5}
 
 
 def check_run_dir(run_dir: Path, resume: str | None) -> bool:
@@ -52,3 +62,37 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
                         "Pass a checkpoint file such as <run>/checkpoints/last.pt, or "
                         "trainer.resume=auto with hydra.run.dir=<run>")
     return path
+
+
+def check_same_run(cfg: DictConfig, ckpt: dict) -> None:
+    """Continuing a run with different settings would silently mix two experiments."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    then = ckpt["config"]
+    diffs = [k for k in _flat_keys(now) | _flat_keys(then)
+             if not k.startswith(RESUME_FREE_KEYS) and _get(now, k) != _then(then, k)
+             and k != "trainer.epochs"]
+    if diffs:
+        shown = ", ".join(f"{k}: {_get(then, k)!r} → {_get(now, k)!r}" for k in sorted(diffs)[:6])
+        raise UserError(f"The checkpoint was trained with different settings ({shown})",
+                        "trainer.resume", "Repeat the original overrides when resuming "
+                        f"(they were: {' '.join(ckpt.get('overrides', [])) or 'none'})")
+
+
+def _flat_keys(d: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        keys |= _flat_keys(v, key + ".") if isinstance(v, dict) and v else {key}
+    return keys
+
+
+def _get(d: dict, dotted: str, missing=None):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return missing
+        d = d[part]
+    return d
+
+
+def _then(then: dict, dotted: str):
+    return _get(then, dotted, ADDED_KEYS.get(dotted))

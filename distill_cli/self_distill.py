@@ -22,7 +22,6 @@ at α*. This costs two extra trainings per generation.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch

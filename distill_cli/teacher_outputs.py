@@ -15,14 +15,18 @@ evaluation splits `val` / `test`.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from omegaconf import OmegaConf
+
+from .build import model_node
 from .checkpoint import atomic_write_bytes
+from .data import InMemorySplit
 from .data.mixing import MixSpec, training_batches
+from .errors import UserError
 from .store import Store, content_key
 from .tracking import read_json, write_json
 
@@ -157,6 +161,51 @@ def full_size_batches(split, batch_size: int):
                                 torch.cat([batch.x, head.x[:short]]),
                                 torch.cat([batch.y, head.y[:short]]))
         yield batch
+
+
+def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporter, mix):
+    """The run's TeacherOutputs when `teacher.outputs` (auto|store|live), the method and the
+    disk budget allow it; None to run the teacher live."""
+    mode = str(cfg.teacher.outputs)
+    if mode not in ("auto", "store", "live"):
+        raise UserError(f"teacher.outputs={mode} is not an option", "teacher.outputs",
+                        "Use auto, store or live")
+    if teacher is None or mode == "live":
+        return None
+    reason = None
+    if objective.live_teacher_only:
+        reason = f"{type(objective).__name__} needs the teacher run live (online or features)"
+    elif not isinstance(data.train, InMemorySplit):
+        reason = "the DataLoader path's teacher views are not stored"
+    if reason is None and mode == "auto":
+        need = TeacherOutputs.projected_bytes(data, int(cfg.trainer.epochs),
+                                              str(cfg.teacher.outputs_dtype), mix)
+        used = sum(f.stat().st_size for f in Path(cfg.store.root).expanduser().glob(
+            "outputs/*/*.npy"))
+        if used + need > float(cfg.store.max_gb) * 2**30:
+            reason = (f"the store would exceed store.max_gb={cfg.store.max_gb} "
+                      f"({(used + need) / 2**30:.1f} GiB)")
+    if reason is not None:
+        if mode == "store":
+            raise UserError(f"teacher.outputs=store is not possible: {reason}",
+                            "teacher.outputs", "Use teacher.outputs=auto or live")
+        reporter.stage(f"teacher outputs: live ({reason})")
+        return None
+    if "teacher/key" in teacher_info:
+        teacher_id = {"store": teacher_info["teacher/key"]}
+    elif "teacher/checkpoint" in teacher_info:
+        teacher_id = checkpoint_identity(teacher_info["teacher/checkpoint"])
+    else:
+        teacher_id = {"source": teacher_info.get("teacher/source"),
+                      "model": OmegaConf.to_container(model_node(cfg.teacher))}
+    teacher_id["precision"] = str(cfg.trainer.precision)
+    from .engine import autocast  # engine imports this module (quantise): import late
+    return TeacherOutputs(teacher=teacher, teacher_id=teacher_id, data=data,
+                          batch_size=int(cfg.trainer.batch_size),
+                          data_seed=int(cfg.data_seed), device=device,
+                          autocast=lambda: autocast(device, cfg.trainer.precision),
+                          root=cfg.store.root, dtype=str(cfg.teacher.outputs_dtype),
+                          reporter=reporter, mix=mix)
 
 
 def checkpoint_identity(path: str | Path) -> dict:

@@ -19,7 +19,7 @@ from distill_cli.data import (BUILDERS, Batch, DataBundle, InMemorySplit, Loader
 from distill_cli.data import augment as A
 from distill_cli.data import fashion_mnist as fm
 from distill_cli.data import fetch
-from distill_cli.data.bundle import augment_generator, split_positions
+from distill_cli.data.bundle import augment_generator
 from distill_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@ bit-exact resume, and real offline W&B files."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

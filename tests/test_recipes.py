@@ -1,7 +1,6 @@
 """Every recipe composes, pins what a reproducible experiment needs, and builds."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The teacher store: content keys, train-once reuse, concurrent jobs, crashes, list/prune."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
