@@ -30,16 +30,17 @@ def _distill(cfg: DictConfig) -> None:
         sys.exit(stop.exit_code)
 
 
-# glibc's defaults mmap and unmap PyTorch's large buffers on every step (millions of page
-# faults per epoch on CPU); these keep them in the heap. glibc reads them only at process
-# start, so `distill` re-executes itself once with them set. Opt out: DISTILL_MALLOC_TUNING=0.
-# Effect measured by benchmarks/bench_speed.py (see benchmarks/results/).
+# glibc's defaults mmap and unmap PyTorch's large buffers on every step; these settings keep
+# them in the heap. glibc reads them only at process start, so with DISTILL_MALLOC_TUNING=1
+# `distill` re-executes itself once with them set. Opt-in, because measured on this project's
+# 2-core machine (torch 2.14.1) it changed nothing: KD live 2,394 vs 2,403 img/s
+# (benchmarks/results/speed.md), while the re-exec costs start-up time.
 MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
                  "MALLOC_TOP_PAD_": "268435456"}
 
 
 def tune_allocator() -> None:
-    if (os.environ.get("DISTILL_MALLOC_TUNING", "1") == "0" or platform.libc_ver()[0] != "glibc"
+    if (os.environ.get("DISTILL_MALLOC_TUNING", "0") != "1" or platform.libc_ver()[0] != "glibc"
             or any(k in os.environ for k in MALLOC_TUNING)):
         return
     os.environ.update(MALLOC_TUNING)

@@ -142,7 +142,7 @@ def test_parallel_sweep_with_a_stored_teacher_and_its_report(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["0", "1"])
-def test_entry_point_sets_the_allocator_unless_opted_out(tmp_path, flag):
+def test_entry_point_sets_the_allocator_when_asked(tmp_path, flag):
     run_dir = tmp_path / "r"
     env = {"DISTILL_MALLOC_TUNING": flag}
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
