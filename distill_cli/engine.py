@@ -23,7 +23,7 @@ from . import checkpoint
 from .data.mixing import MixSpec, training_batches
 from .losses.base import Objective, StepContext
 from .metrics import ClassificationMeter
-from .teacher_outputs import quantise
+from .numerics import autocast, quantise
 
 
 @dataclass
@@ -57,12 +57,6 @@ class StopRequest:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-
-
-def autocast(device: torch.device, precision: str):
-    if str(precision) == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def teacher_logits(teacher: nn.Module, x: torch.Tensor, dtype: str = "float32") -> torch.Tensor:

@@ -27,18 +27,13 @@ from .checkpoint import atomic_write_bytes
 from .data import InMemorySplit
 from .data.mixing import MixSpec, training_batches
 from .errors import UserError
+from .numerics import autocast, quantise
 from .store import Store, content_key
 from .tracking import read_json, write_json
 
 FORMAT = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
 _SAMPLE_ROWS = 4096
-
-
-def quantise(logits: torch.Tensor, dtype: str) -> torch.Tensor:
-    """The logits as they would come back from the store: applied on the live path too, so the
-    storage dtype never changes what a run computes."""
-    return logits if dtype == "float32" else logits.to(torch.float16).float()
 
 
 def _checksum(arr: np.ndarray) -> str:
@@ -199,7 +194,6 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
         teacher_id = {"source": teacher_info.get("teacher/source"),
                       "model": OmegaConf.to_container(model_node(cfg.teacher))}
     teacher_id["precision"] = str(cfg.trainer.precision)
-    from .engine import autocast  # engine imports this module (quantise): import late
     return TeacherOutputs(teacher=teacher, teacher_id=teacher_id, data=data,
                           batch_size=int(cfg.trainer.batch_size),
                           data_seed=int(cfg.data_seed), device=device,
