@@ -100,10 +100,7 @@ class MixSpec:
         if isinstance(cfg, MixSpec):
             return cfg
         cfg = _mapping(cfg, key, "{mixup_alpha: 0.2, cutmix_alpha: 1.0}")
-        unknown = sorted(set(map(str, cfg.keys())) - set(_MIX_KEYS))
-        if unknown:
-            raise UserError(f"unknown mixing option(s) {unknown}", key=key,
-                            fix=f"Use only {list(_MIX_KEYS)}")
+        _reject_unknown(cfg, _MIX_KEYS, key, "mixing")
         values = {}
         for name, lo, hi in (("mixup_alpha", 0.0, math.inf), ("cutmix_alpha", 0.0, math.inf),
                              ("prob", 0.0, 1.0), ("switch_prob", 0.0, 1.0)):
@@ -129,6 +126,13 @@ def _mapping(cfg, key: str, example: str) -> Mapping:
         raise UserError(f"`{key}` must be a mapping like {example}, got {cfg!r}", key=key) from None
 
 
+def _reject_unknown(cfg: Mapping, allowed: tuple[str, ...], key: str, what: str) -> None:
+    unknown = sorted(set(map(str, cfg.keys())) - set(allowed))
+    if unknown:
+        raise UserError(f"unknown {what} option(s) {unknown}", key=key,
+                        fix=f"Use only {list(allowed)}")
+
+
 def _number(value, key: str, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not lo <= float(value) <= hi:
@@ -140,10 +144,7 @@ def _partial(cfg, key: str) -> PartialSpec:
     if cfg is True:
         return PartialSpec()
     cfg = _mapping(cfg, key, "{keep_fraction: 0.9, with_replacement: false}")
-    unknown = sorted(set(map(str, cfg.keys())) - set(_PARTIAL_KEYS))
-    if unknown:
-        raise UserError(f"unknown partial-mixup option(s) {unknown}", key=key,
-                        fix=f"Use only {list(_PARTIAL_KEYS)}")
+    _reject_unknown(cfg, _PARTIAL_KEYS, key, "partial-mixup")
     values = {}
     if cfg.get("keep_fraction") is not None:
         values["keep_fraction"] = _number(cfg["keep_fraction"], f"{key}.keep_fraction", 0.0, 1.0)
