@@ -165,10 +165,15 @@ class Engine:
             self._val_teacher_logits = self.teacher_eval_logits("val")
         return self._val_teacher_logits
 
-    def teacher_eval_logits(self, split: str) -> torch.Tensor:
-        if self.outputs is not None:
-            return self.outputs.eval_table(split, int(self.cfg.eval_batch_size))
-        return self.predict(self.teacher, getattr(self.data, split))[0]
+    def teacher_eval_logits(self, split: str, member: int | None = None) -> torch.Tensor:
+        """The teacher's (or pool member `member`'s) logits on an evaluation split."""
+        outputs = self.outputs
+        if outputs is not None and member is not None:
+            outputs = outputs.members[member]
+        if outputs is not None:
+            return outputs.eval_table(split, int(self.cfg.eval_batch_size))
+        model = self.teacher if member is None else self.teachers[member]
+        return self.predict(model, getattr(self.data, split))[0]
 
     def predict(self, model, split) -> tuple[torch.Tensor, torch.Tensor]:
         return predict(model, split, int(self.cfg.eval_batch_size), self.device,
@@ -184,8 +189,10 @@ class Engine:
         with autocast(self.device, self.cfg.precision):
             # a teacher attached to a CE run (a sweep's baseline) is only evaluated, never run here
             t_logits = None
-            if table is not None:
+            if table is not None:   # a pool's table is [N, K, C]: rows → [K, B, C]
                 t_logits = table.index_select(0, batch.index)
+                if self.teachers:
+                    t_logits = t_logits.transpose(0, 1)
             elif self.online:   # train mode, with gradient: the teacher learns too
                 t_logits = self.teacher(batch.x).float()
             elif self.teachers:

@@ -18,7 +18,7 @@ from .engine import Engine, score
 from .errors import UserError
 from .privacy import membership_auc
 from .runs import check_run_dir, check_same_run, resolve_resume
-from .teacher_outputs import outputs_for_run
+from .teacher_outputs import outputs_for_pool, outputs_for_run
 from .teacher_pool import resolve_pool
 from .teachers import check_teachers, resolve_teacher
 from .tracking import ConsoleReporter, MetricsFile, read_json, write_json
@@ -113,10 +113,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     device = pick_device(cfg.trainer.device)
     data = data if data is not None else build_data(cfg.dataset).to(device)
     stage_printer = ConsoleReporter(0, tty=tty)
-    teachers = []
+    teachers, pool = [], []
     if objective.multiple_teachers:
         teacher = None
-        teachers, scores, teacher_info = resolve_pool(cfg, data, device, stage_printer, tty)
+        pool, scores, teacher_info = resolve_pool(cfg, data, device, stage_printer, tty)
+        teachers = [model for _, model, _ in pool]
         objective.set_scores(scores)
         teacher_info["teachers/weights"] = objective.teacher_weights.tolist()
     else:
@@ -166,7 +167,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             "data": {"name": data.name, "num_classes": data.num_classes,
                      "input_shape": list(data.input_shape)},
             "git": summary["git"], "code_version": __version__}
-    outputs = outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporter, mix)
+    outputs = (outputs_for_pool(pool, objective, data, device, reporter, mix) if pool else
+               outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporter, mix))
     summary.update(outputs.stats() if outputs is not None else
                    {"teacher/outputs": "live"} if teacher is not None or teachers else {})
     engine = Engine(student=student, teacher=teacher, objective=objective, data=data,
@@ -238,8 +240,8 @@ def final_evaluation(engine: Engine, run_dir: Path, mia: dict | None = None) -> 
         if mia is not None:
             out.update({f"teacher/{k}": v for k, v in membership_auc(
                 engine.teacher, data.train, data.test, **mia).items()})
-    for i, model in enumerate(engine.teachers):
-        t = engine.evaluate(model, data.test)
+    for i in range(len(engine.teachers)):
+        t = score(engine.teacher_eval_logits("test", i), data.test.targets)
         out.update({f"teachers/{i}/test/{k}": v for k, v in t.items() if k != "n"})
     last = engine.evaluate(engine.student, data.test, reference)
     out.update({f"last/test/{k}": v for k, v in last.items() if k != "n"})

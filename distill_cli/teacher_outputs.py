@@ -193,6 +193,8 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
     else:
         teacher_id = {"source": teacher_info.get("teacher/source"),
                       "model": OmegaConf.to_container(model_node(cfg.teacher))}
+    if teacher_info.get("teacher/head") == "ncm":   # a pool's other-task teacher (teacher_pool)
+        teacher_id["head"] = "ncm"
     teacher_id["precision"] = str(cfg.trainer.precision)
     return TeacherOutputs(teacher=teacher, teacher_id=teacher_id, data=data,
                           batch_size=int(cfg.trainer.batch_size),
@@ -200,6 +202,34 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
                           autocast=lambda: autocast(device, cfg.trainer.precision),
                           root=cfg.store.root, dtype=str(cfg.teacher.outputs_dtype),
                           reporter=reporter, mix=mix)
+
+
+class PoolOutputs:
+    """A teacher pool's stored outputs: one TeacherOutputs per member (each keyed like a single
+    teacher, so a member shared with single-teacher runs shares their tables), served together
+    as `[N, K, C]` tables."""
+
+    def __init__(self, members: list[TeacherOutputs]):
+        self.members = members
+
+    def train_table(self, epoch: int) -> torch.Tensor:
+        return torch.stack([m.train_table(epoch) for m in self.members], dim=1)
+
+    def stats(self) -> dict:
+        each = [m.stats() for m in self.members]
+        return {"teacher/outputs": "stored",
+                "teacher/outputs_key": [s["teacher/outputs_key"] for s in each],
+                "teacher/outputs_hit_rate": sum(s["teacher/outputs_hit_rate"] for s in each)
+                / len(each),
+                "teacher/outputs_dir": [s["teacher/outputs_dir"] for s in each]}
+
+
+def outputs_for_pool(pool, objective, data, device, reporter, mix) -> PoolOutputs | None:
+    """`outputs_for_run` for every (entry config, teacher, info) of a multi-teacher pool; None
+    (all live) unless every member can be stored."""
+    members = [outputs_for_run(ecfg, objective, model, info, data, device, reporter, mix)
+               for ecfg, model, info in pool]
+    return PoolOutputs(members) if all(m is not None for m in members) else None
 
 
 def checkpoint_identity(path: str | Path) -> dict:

@@ -79,10 +79,11 @@ def entry_config(cfg: DictConfig, entry, i: int) -> DictConfig:
 
 
 def resolve_pool(cfg: DictConfig, data, device, reporter=None, tty=None
-                 ) -> tuple[list[nn.Module], list[float], dict]:
-    """(teachers in the dataset's class space, their scores, summary fields)."""
+                 ) -> tuple[list[tuple[DictConfig, nn.Module, dict]], list[float], dict]:
+    """(pool, scores, summary fields); the pool holds one (entry config, teacher in the
+    dataset's class space, its `teacher/*` info) per entry."""
     bs, precision = int(cfg.trainer.eval_batch_size), cfg.trainer.precision
-    teachers, scores, sources = [], [], []
+    pool, scores, sources = [], [], []
     for i, entry in enumerate(cfg.teachers):
         ecfg = entry_config(cfg, entry, i)
         try:
@@ -96,7 +97,7 @@ def resolve_pool(cfg: DictConfig, data, device, reporter=None, tty=None
             info = {**info, "teacher/head": "ncm"}
         logits, y = predict(model, data.train, bs, device, precision)
         scores.append(float((logits.argmax(1) == y.to(logits.device)).double().mean()))
-        teachers.append(model)
+        pool.append((ecfg, model, info))
         sources.append({"arch": ecfg.teacher.arch, **{k.split("/", 1)[1]: v
                                                        for k, v in info.items()}})
-    return teachers, scores, {"teachers/entries": sources, "teachers/scores": scores}
+    return pool, scores, {"teachers/entries": sources, "teachers/scores": scores}

@@ -136,3 +136,27 @@ def test_teacher_from_another_task_gets_a_nearest_class_mean_head(tmp_path, digi
     assert all(0.0 <= a <= 1.0 for a in summary["teachers/scores"])
     assert summary["teachers/weights"] == [0.0, 1.0]  # the same-task trained teacher is nearer
     assert 0 <= summary["teachers/0/test/acc1"] <= 100  # the NCM head predicts digits classes
+
+
+def test_stored_pool_outputs_end_with_the_live_runs_weights(tmp_path, digits_teacher):
+    """Each pool member's outputs come from the output store (keyed like a single teacher's;
+    the NCM-headed other-task member keyed apart) and the run ends bit-identical to the live
+    run; a second run serves every table from the store."""
+    other = tmp_path / "other"
+    run(make_cfg(DIGITS + ["dataset=fake", "dataset.num_classes=7", "dataset.shape=[1,8,8]",
+                           "student=mlp", "loss=ce", "trainer.epochs=1"]), other, tty=False)
+    pool = (f"teachers=[{{arch: mlp, checkpoint: {other}/checkpoints/best.pt}}, "
+            f"{{arch: resnet8, checkpoint: {digits_teacher}}}]")
+    live = run(make_cfg(MT + [pool, "teacher.outputs=live"]), tmp_path / "live", tty=False)
+    stored = run(make_cfg(MT + [pool, "teacher.outputs=store"]), tmp_path / "stored", tty=False)
+    assert live["teacher/outputs"] == "live" and stored["teacher/outputs"] == "stored"
+    keys = stored["teacher/outputs_key"]
+    assert len(keys) == 2 and keys[0] != keys[1]
+    a = torch.load(tmp_path / "live/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "stored/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for i in (0, 1):
+        assert live[f"teachers/{i}/test/acc1"] == stored[f"teachers/{i}/test/acc1"]
+    again = run(make_cfg(MT + [pool, "teacher.outputs=store", "seed=1"]), tmp_path / "again",
+                tty=False)
+    assert again["teacher/outputs_hit_rate"] == 1.0

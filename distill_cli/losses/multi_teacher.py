@@ -44,8 +44,8 @@ class MultiTeacher(Objective):
     """
 
     needs_teacher = True
-    # several live teachers; their outputs are not served from the output store
-    live_teacher_only = True
+    # several frozen teachers; each one's outputs are served from the output store like a
+    # single teacher's (teacher.outputs), stacked [K, B, C]
     multiple_teachers = True
 
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
