@@ -81,13 +81,29 @@ def build_objective(node: DictConfig):
     return instantiate(node, "loss")
 
 
+def _call_partial(node: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
+    """Instantiate a `_partial_` node and call it; options the callable does not take (e.g. a
+    recipe's SGD `nesterov` left under `optimizer=adamw`) are a user error naming the key."""
+    factory = instantiate(node, key)
+    try:
+        return factory(*args, **kwargs)
+    except TypeError as exc:
+        extra = [k for k in node if not str(k).startswith("_") and f"'{k}'" in str(exc)]
+        remove = (" ".join(f"'~{key}.{k}'" for k in extra) if extra
+                  else f"overrides that delete the stray option under `{key}`")
+        raise UserError(f"Cannot build `{key}` ({node.get('_target_')}): {exc}",
+                        f"{key}.{extra[0]}" if extra else key,
+                        f"Pass {remove} to drop it (an option of another {key} choice, e.g. set "
+                        f"by a recipe); `distill --cfg job` prints the composed `{key}`") from None
+
+
 def build_optimizer(node: DictConfig, params):
-    return instantiate(node, "optimizer")(params)
+    return _call_partial(node, "optimizer", params)
 
 
 def build_scheduler(node: DictConfig, optimizer, steps_per_epoch: int, epochs: int):
-    return instantiate(node, "scheduler")(optimizer, steps_per_epoch=steps_per_epoch,
-                                          epochs=epochs)
+    return _call_partial(node, "scheduler", optimizer, steps_per_epoch=steps_per_epoch,
+                         epochs=epochs)
 
 
 def build_logger(node: DictConfig, **kwargs):

@@ -107,3 +107,11 @@ def test_dataset_absent_and_not_downloadable(tmp_path, name):
 def test_config_target_outside_the_allow_list(tmp_path):
     err = expect_error(["loss=ce", "loss._target_=os.system"], tmp_path / "r", "loss._target_")
     assert "os.system" in err.what
+
+
+def test_option_of_another_optimizer_left_by_a_recipe(tmp_path):
+    """A recipe's SGD `nesterov` under optimizer=adamw: the key to delete is named."""
+    err = expect_error(["loss=ce", "optimizer=adamw", "+optimizer.nesterov=true"],
+                       tmp_path / "r", "optimizer.nesterov")
+    assert "'~optimizer.nesterov'" in err.fix
+    assert not (tmp_path / "r" / "checkpoints").exists()
