@@ -183,30 +183,35 @@ class Engine:
         return score(*self.predict(model, split), reference)
 
     # ------------------------------------------------------------------ training
+    def _terms(self, batch, ctx: StepContext, table) -> tuple[dict, dict | None]:
+        """(student objective terms, online teacher's terms or None) of one step."""
+        if self.objective.owns_step:   # feature / adversarial methods run the models themselves
+            return self.objective.step_terms(self.student, self.teachers or self.teacher,
+                                             batch, ctx), None
+        # a teacher attached to a CE run (a sweep's baseline) is only evaluated, never run here
+        t_logits = None
+        if table is not None:   # a pool's table is [N, K, C]: rows → [K, B, C]
+            t_logits = table.index_select(0, batch.index)
+            if self.teachers:
+                t_logits = t_logits.transpose(0, 1)
+        elif self.online:   # train mode, with gradient: the teacher learns too
+            t_logits = self.teacher(batch.x).float()
+        elif self.teachers:
+            t_logits = torch.stack([teacher_logits(t, batch.x, self.outputs_dtype)
+                                    for t in self.teachers])
+        elif self.uses_teacher:
+            t_logits = teacher_logits(self.teacher, batch.x, self.outputs_dtype)
+        s_logits = self.forward(batch.x).float()
+        if not self.online:
+            return self.objective(s_logits, t_logits, batch.y, ctx), None
+        return (self.objective(s_logits, t_logits.detach(), batch.y, ctx),
+                self.objective.teacher_terms(t_logits, s_logits.detach(), batch.y, ctx))
+
     def _train_step(self, batch, ctx: StepContext, table) -> dict[str, torch.Tensor]:
         if self.channels_last and batch.x.dim() == 4:
             batch = batch._replace(x=batch.x.contiguous(memory_format=torch.channels_last))
         with autocast(self.device, self.cfg.precision):
-            # a teacher attached to a CE run (a sweep's baseline) is only evaluated, never run here
-            t_logits = None
-            if table is not None:   # a pool's table is [N, K, C]: rows → [K, B, C]
-                t_logits = table.index_select(0, batch.index)
-                if self.teachers:
-                    t_logits = t_logits.transpose(0, 1)
-            elif self.online:   # train mode, with gradient: the teacher learns too
-                t_logits = self.teacher(batch.x).float()
-            elif self.teachers:
-                t_logits = torch.stack([teacher_logits(t, batch.x, self.outputs_dtype)
-                                        for t in self.teachers])
-            elif self.uses_teacher:
-                t_logits = teacher_logits(self.teacher, batch.x, self.outputs_dtype)
-            s_logits = self.forward(batch.x).float()
-            if self.online:
-                terms = self.objective(s_logits, t_logits.detach(), batch.y, ctx)
-                teacher_terms = self.objective.teacher_terms(t_logits, s_logits.detach(),
-                                                             batch.y, ctx)
-            else:
-                terms = self.objective(s_logits, t_logits, batch.y, ctx)
+            terms, teacher_terms = self._terms(batch, ctx, table)
         self.optimizer.zero_grad(set_to_none=True)
         if self.online:
             # each loss only reaches its own network (the other side is detached): one backward

@@ -130,6 +130,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         for model in (student, teacher, *teachers):
             if model is not None:
                 model.to(memory_format=torch.channels_last)
+    # trainable heads (feature methods) are created from the models' shapes, then optimised
+    # with the student and saved in checkpoints (`objective`), never in the exported student
+    objective.bind(student, teachers or teacher, data)
     objective.to(device)
     params = list(student.parameters()) + list(objective.parameters())
     optimizer = build_optimizer(cfg.optimizer, params)

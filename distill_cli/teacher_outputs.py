@@ -168,7 +168,7 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
     if teacher is None or mode == "live":
         return None
     reason = None
-    if objective.live_teacher_only:
+    if objective.live_teacher_only or objective.owns_step:
         reason = f"{type(objective).__name__} needs the teacher run live (online or features)"
     elif not isinstance(data.train, InMemorySplit):
         reason = "the DataLoader path's teacher views are not stored"

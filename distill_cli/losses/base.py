@@ -48,6 +48,12 @@ class Objective(nn.Module):
     # True for methods whose point is privacy (Swing): `eval.mia=auto` then measures membership
     # inference of the final weights (distill_cli.privacy) into the summary.
     measures_privacy: bool = False
+    # True for methods that need more than the two models' logits — feature taps, several
+    # forwards, adversarial examples (FitNet, AT, RKD, CRD, OFA, DisWOT, MTARD, adversarial CE).
+    # The engine then leaves the forward passes to `step_terms(student, teacher, batch, ctx)`
+    # (teacher: the frozen teacher, the pool's list with `multiple_teachers`, or None). Such
+    # objectives run their teacher(s) live and keep the student in train mode on return.
+    owns_step: bool = False
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor, ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
@@ -55,3 +61,14 @@ class Objective(nn.Module):
 
     def after_step(self, terms: dict[str, torch.Tensor], ctx: StepContext) -> None:
         """Called once after each optimizer step (never in evaluation). Default: nothing."""
+
+    def bind(self, student: nn.Module, teacher, data) -> None:
+        """Called once, before the optimizer is built, with the models on their device and the
+        DataBundle. Objectives with trainable heads create them here (shapes from a dry
+        forward), so the heads join the optimizer and the checkpoint. Default: nothing."""
+
+    def step_terms(self, student: nn.Module, teacher, batch, ctx: StepContext
+                   ) -> dict[str, torch.Tensor]:
+        """The terms of one training step (`owns_step` objectives only); `batch` has
+        `index` (positions in the training split), `x` and `y`."""
+        raise NotImplementedError(f"{type(self).__name__} does not own its step")

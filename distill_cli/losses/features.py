@@ -1,0 +1,90 @@
+"""The shared base of feature-distillation objectives (FitNet, AT, RKD, CRD, OFA, DisWOT†).
+
+A `FeatureObjective` owns its step (`Objective.owns_step`): it taps the stage outputs of both
+models by module path (`model.stages`, models/taps.py — no model rewrites), runs the frozen
+teacher without gradient and the student with it, and calls its own `forward` with the features:
+
+    forward(student_logits, teacher_logits, targets, ctx, *, s_feats, t_feats, index)
+
+`s_feats` / `t_feats` are lists over the PAIRED stages (`stage_pairs`): CNN maps `[B, C, H, W]`,
+ViT/mixer tokens `[B, N, D]` or vectors `[B, D]` as the model produces them. `index` holds the
+samples' positions in the training split (CRD's memory bank). Tests call `forward` directly with
+fixed tensors; `bind` builds the trainable heads from the shapes of one dry forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.taps import FeatureTaps
+from .base import Objective, StepContext
+
+
+def pooled(feat: torch.Tensor) -> torch.Tensor:
+    """`[B, D]` from a stage output: maps are averaged over space, tokens over the sequence."""
+    if feat.dim() == 4:
+        return feat.mean(dim=(2, 3))
+    if feat.dim() == 3:
+        return feat.mean(dim=1)
+    return feat.flatten(1)
+
+
+def stage_pairs(n_student: int, n_teacher: int, stages="all") -> list[tuple[int, int]]:
+    """(student stage, teacher stage) index pairs. `stages`: "all", or a list of student stage
+    indices (negative counts from the end). Each student stage is paired with the teacher stage
+    at the same relative depth, so models with different stage counts still pair up, last with
+    last."""
+    if stages == "all":
+        chosen = list(range(n_student))
+    else:
+        chosen = sorted({int(i) % n_student for i in stages})
+    if n_student == 1:
+        return [(0, n_teacher - 1)]
+    return [(i, round(i * (n_teacher - 1) / (n_student - 1))) for i in chosen]
+
+
+class FeatureObjective(Objective):
+    """Subclasses set `stages` (see `stage_pairs`) and implement `build_heads` (optional) and
+    `forward(..., s_feats, t_feats, index)`."""
+
+    owns_step = True
+    live_teacher_only = True
+
+    def __init__(self, stages="all"):
+        super().__init__()
+        self.stages = stages if stages == "all" else list(stages)
+        self._taps: tuple[FeatureTaps, FeatureTaps] | None = None
+        self.pairs: list[tuple[int, int]] = []
+
+    def bind(self, student: nn.Module, teacher, data) -> None:
+        self.pairs = stage_pairs(len(student.stages), len(teacher.stages), self.stages)
+        s_paths = [student.stages[i] for i, _ in self.pairs]
+        t_paths = [teacher.stages[j] for _, j in self.pairs]
+        self._taps = (FeatureTaps(student, s_paths, key="student"),
+                      FeatureTaps(teacher, t_paths, key="teacher"))
+        self._paths = (s_paths, t_paths)
+        x = next(iter(data.val.eval_batches(2))).x
+        was_training = student.training
+        student.eval()   # no BN statistics update from the dry run
+        with torch.no_grad():
+            s_feats, t_feats, s_logits, t_logits = self._forward_both(student, teacher, x)
+        student.train(was_training)
+        self.build_heads([f.shape[1:] for f in s_feats], [f.shape[1:] for f in t_feats],
+                         s_logits.shape[1], student, teacher)
+
+    def build_heads(self, s_shapes, t_shapes, num_classes: int, student, teacher) -> None:
+        """Create trainable modules from per-pair feature shapes (without the batch dim)."""
+
+    def _forward_both(self, student, teacher, x):
+        s_taps, t_taps = self._taps
+        with torch.no_grad():
+            t_logits = teacher(x).float()
+            t_feats = [t_taps[p].detach() for p in self._paths[1]]
+        s_logits = student(x).float()
+        s_feats = [s_taps[p] for p in self._paths[0]]
+        return s_feats, t_feats, s_logits, t_logits
+
+    def step_terms(self, student, teacher, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        s_feats, t_feats, s_logits, t_logits = self._forward_both(student, teacher, batch.x)
+        return self(s_logits, t_logits, batch.y, ctx, s_feats=s_feats, t_feats=t_feats,
+                    index=batch.index)
