@@ -70,8 +70,12 @@ def build_model(node: DictConfig, key: str, data) -> Any:
                        in_channels=data.input_shape[0], input_size=tuple(data.input_shape[1:]))
 
 
-def build_data(node: DictConfig):
-    return instantiate(node, "dataset")
+def build_data(node: DictConfig, key: str = "dataset"):
+    from .data.unlabeled import RUN_KEYS   # options the runner applies (data/unlabeled.py)
+    if any(k in node for k in RUN_KEYS):
+        plain = OmegaConf.to_container(node, resolve=True)
+        node = OmegaConf.create({k: v for k, v in plain.items() if k not in RUN_KEYS})
+    return instantiate(node, key)
 
 
 def build_objective(node: DictConfig):

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__, checkpoint
 from .build import (build_data, build_logger, build_model, build_objective, build_optimizer,
                     build_scheduler, model_node)
+from .data import unlabeled
 from .data.mixing import MixSpec
 from .engine import Engine, score
 from .errors import UserError
@@ -109,6 +110,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                         "augment.mix.partial=null) or pick another loss")
     check_teachers(cfg, objective)
     mia = mia_settings(cfg, objective)
+    label_free = unlabeled.check(cfg.dataset, objective, mix.enabled, mia is not None)
 
     device = pick_device(cfg.trainer.device)
     data = data if data is not None else build_data(cfg.dataset).to(device)
@@ -123,6 +125,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     else:
         teacher, teacher_info = resolve_teacher(cfg, data, device, stage_printer, tty,
                                                 online=objective.online_teacher)
+    if label_free:   # after the teacher: a teacher the store trains learns from the labels
+        data = unlabeled.student_view(cfg.dataset, data, lambda node: build_data(
+            node, "dataset.extra_unlabeled"))
     torch.manual_seed(int(cfg.seed))
     student = build_model(cfg.student, "student", data).to(device)
     if cfg.trainer.channels_last and len(data.input_shape) == 3:

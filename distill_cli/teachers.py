@@ -116,6 +116,8 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
     c["trainer"].update(epochs=train["epochs"], batch_size=train["batch_size"], resume=None,
                         stop_at_step=None, checkpoint_every_n_steps=None)
     c["augment"] = {"mix": {}}  # the student's mixing is a distillation choice, not the teacher's
+    # likewise label-free student training (data/unlabeled.py): a teacher learns from the labels
+    c["dataset"].update(labels=True, extra_unlabeled=None)
     return OmegaConf.create(c)
 
 

@@ -45,6 +45,9 @@ class Objective(nn.Module):
     # True for objectives distilling from several teachers (the top-level `teachers` list): they
     # get `[K, B, C]` stacked teacher logits (a `[B, C]` tensor counts as K = 1).
     multiple_teachers: bool = False
+    # False for label-free objectives (SSLD, TAID without CE): they never read `targets` of a
+    # training batch, so they can train with `dataset.labels=false` and on unlabeled extra data.
+    uses_labels: bool = True
     # True for methods whose point is privacy (Swing): `eval.mia=auto` then measures membership
     # inference of the final weights (distill_cli.privacy) into the summary.
     measures_privacy: bool = False
