@@ -196,6 +196,10 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
     if teacher_info.get("teacher/head") == "ncm":   # a pool's other-task teacher (teacher_pool)
         teacher_id["head"] = "ncm"
     teacher_id["precision"] = str(cfg.trainer.precision)
+    if cfg.trainer.channels_last and len(data.input_shape) == 3:
+        # a channels_last teacher runs other kernels (other last bits): its own tables. Within
+        # one format, stored == live (the input's format does not change the conv's here).
+        teacher_id["memory_format"] = "channels_last"
     return TeacherOutputs(teacher=teacher, teacher_id=teacher_id, data=data,
                           batch_size=int(cfg.trainer.batch_size),
                           data_seed=int(cfg.data_seed), device=device,

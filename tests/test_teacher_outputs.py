@@ -118,10 +118,11 @@ def test_concurrent_builders_leave_one_valid_table(tmp_path):
     assert len(tables) == 1 and json.loads(tables[0].with_suffix(".json").read_text())
 
 
-@pytest.mark.parametrize("augmented", [False, True])
-def test_stored_run_ends_with_the_live_runs_weights(tmp_path, home, augmented):
+@pytest.mark.parametrize("augmented, fmt", [(False, []), (True, []),
+                                            (True, ["trainer.channels_last=true"])])
+def test_stored_run_ends_with_the_live_runs_weights(tmp_path, home, augmented, fmt):
     base = [o for o in DIGITS if o != "dataset=digits"] + AUG if augmented else DIGITS
-    teacher = ["teacher=resnet8", "teacher.train.epochs=1", "student=mlp", "loss=kd"]
+    teacher = ["teacher=resnet8", "teacher.train.epochs=1", "student=resnet8", "loss=kd", *fmt]
     live = run(make_cfg(base + teacher + ["teacher.outputs=live"]), tmp_path / "live",
                tty=False)
     stored = run(make_cfg(base + teacher + ["teacher.outputs=store"]), tmp_path / "stored",
