@@ -7,7 +7,8 @@ teacher without gradient and the student with it, and calls its own `forward` wi
     forward(student_logits, teacher_logits, targets, ctx, *, s_feats, t_feats, index)
 
 `s_feats` / `t_feats` are lists over the PAIRED stages (`stage_pairs`): CNN maps `[B, C, H, W]`,
-ViT/mixer tokens `[B, N, D]` or vectors `[B, D]` as the model produces them. `index` holds the
+ViT/mixer tokens `[B, N, D]` (models with a `grid_size`) or vectors `[B, D]` as the model
+produces them; 1-D conv maps `[B, C, L]` are refused in `bind` (they would read as tokens). `index` holds the
 samples' positions in the training split (CRD's memory bank). Tests call `forward` directly with
 fixed tensors; `bind` builds the trainable heads from the shapes of one dry forward.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..models.taps import FeatureTaps
 from .base import Objective, StepContext
 
@@ -69,6 +71,13 @@ class FeatureObjective(Objective):
         with torch.no_grad():
             s_feats, t_feats, s_logits, t_logits = self._forward_both(student, teacher, x)
         student.train(was_training)
+        for model, feats, key in ((student, s_feats, "student"), (teacher, t_feats, "teacher")):
+            if any(f.dim() == 3 for f in feats) and not hasattr(model, "grid_size"):
+                # [B, C, L] maps of a 1-D conv net read like [B, N, D] tokens: refuse, not guess
+                raise UserError(f"loss={type(self).__name__} reads stage features, but "
+                                f"{key}={type(model).__name__} has 1-D feature maps, which "
+                                "feature methods do not support yet", key,
+                                "Use a logit method (kd, dkd, ...) for 1-D signal models")
         self.build_heads([f.shape[1:] for f in s_feats], [f.shape[1:] for f in t_feats],
                          s_logits.shape[1], student, teacher)
 
