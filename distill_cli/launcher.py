@@ -11,6 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, checkpoint
+from .adversarial import pgd_settings, pixel_stats, robust_accuracy
 from .build import (build_data, build_logger, build_model, build_objective, build_optimizer,
                     build_scheduler, model_node)
 from .data import unlabeled
@@ -111,9 +112,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     check_teachers(cfg, objective)
     mia = mia_settings(cfg, objective)
     label_free = unlabeled.check(cfg.dataset, objective, mix.enabled, mia is not None)
+    pgd = pgd_settings(cfg)   # eval.pgd: validated now, run after training
 
     device = pick_device(cfg.trainer.device)
     data = data if data is not None else build_data(cfg.dataset).to(device)
+    if pgd is not None:
+        pixel_stats(data.test, "eval.pgd")   # an attack needs a [0, 1] pixel space
     stage_printer = ConsoleReporter(0, tty=tty)
     teachers, pool = [], []
     if objective.multiple_teachers:
@@ -214,7 +218,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                            f"distill {' '.join(overrides)} hydra.run.dir={run_dir} "
                            "trainer.resume=auto")
             raise RunInterrupted(exit_code, run_dir)
-        summary.update(final_evaluation(engine, run_dir, mia))
+        summary.update(final_evaluation(engine, run_dir, mia, pgd))
         if outputs is not None:
             summary.update(outputs.stats())
         summary["status"] = "finished"
@@ -234,10 +238,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         logger.finish(exit_code)
 
 
-def final_evaluation(engine: Engine, run_dir: Path, mia: dict | None = None) -> dict:
+def final_evaluation(engine: Engine, run_dir: Path, mia: dict | None = None,
+                     pgd: dict | None = None) -> dict:
     """Test accuracy of the best (by val) and last weights, and of the teacher(s) — once (an
     online teacher: its final weights). With `mia` (membership_auc options), membership
-    inference of the best weights (`mia/*`) and of the teacher (`teacher/mia/*`)."""
+    inference of the best weights (`mia/*`) and of the teacher (`teacher/mia/*`). With `pgd`
+    (robust_accuracy options, from `eval.pgd`), PGD robust accuracy of both (`*/test/pgd_acc1`)."""
     out = {}
     reference = None
     data = engine.data
@@ -253,10 +259,14 @@ def final_evaluation(engine: Engine, run_dir: Path, mia: dict | None = None) -> 
         out.update({f"teachers/{i}/test/{k}": v for k, v in t.items() if k != "n"})
     last = engine.evaluate(engine.student, data.test, reference)
     out.update({f"last/test/{k}": v for k, v in last.items() if k != "n"})
+    if pgd is not None:
+        out["last/test/pgd_acc1"] = robust_accuracy(engine.student, data.test, **pgd)
     best_state = checkpoint.load(run_dir / "checkpoints" / "best.pt", "trainer")["model"]
     current = {k: v.clone() for k, v in engine.student.state_dict().items()}
     engine.student.load_state_dict(best_state)
     best = engine.evaluate(engine.student, data.test, reference)
+    if pgd is not None:
+        out["best/test/pgd_acc1"] = robust_accuracy(engine.student, data.test, **pgd)
     if mia is not None:
         out.update(membership_auc(engine.student, data.train, data.test, **mia))
     engine.student.load_state_dict(current)

@@ -32,9 +32,12 @@ _PATH_KEY = re.compile(r"(^|[._])(dir|path|root|file|checkpoint|resume)$")
 _LOWER_IS_BETTER = ("ece", "nll", "wall")
 _TEXT = ("config", "status")
 SHORT = {"best/test/acc1": "best acc1", "last/test/acc1": "last acc1", "best/test/ece": "ece",
-         "gain": "gain vs CE", "teacher/test/acc1": "teacher acc1", "wall_s": "wall s"}
+         "gain": "gain vs CE", "teacher/test/acc1": "teacher acc1", "wall_s": "wall s",
+         "best/test/pgd_acc1": "pgd acc1"}
 ALIASES = {"best": "best/test/acc1", "last": "last/test/acc1", "ece": "best/test/ece",
-           "teacher": "teacher/test/acc1", "wall": "wall_s"}
+           "teacher": "teacher/test/acc1", "wall": "wall_s", "pgd": "best/test/pgd_acc1"}
+# reported as mean ± std when any run has them (robust accuracy: `eval.pgd.steps > 0`)
+OPTIONAL = ("best/test/pgd_acc1",)
 
 
 @dataclass
@@ -168,7 +171,7 @@ def summarize(groups: list[Group], metric: str = MAIN_METRIC) -> list[dict]:
     for g in groups:
         fin = g.finished
         row = {"config": g.label, **{k: g.info(k) for k in IDENTITY}, "n": len(fin)}
-        for key in dict.fromkeys([metric, "best/test/acc1", "last/test/acc1"]):
+        for key in dict.fromkeys([metric, "best/test/acc1", "last/test/acc1", *OPTIONAL]):
             v = _values(fin, key)
             row[key] = statistics.mean(v) if v else None
             row[key + "_std"] = statistics.stdev(v) if len(v) > 1 else None
@@ -204,8 +207,10 @@ def sort_rows(rows: list[dict], column: str, reverse: bool = False) -> list[dict
 
 
 # --------------------------------------------------------------------------- output
-def _columns(metric: str) -> list[str]:
-    return ["config", "n", *dict.fromkeys([metric, "best/test/acc1", "last/test/acc1"]),
+def _columns(metric: str, rows: list[dict]) -> list[str]:
+    optional = [k for k in OPTIONAL if any(r.get(k) is not None for r in rows)]
+    return ["config", "n", *dict.fromkeys([metric, "best/test/acc1", "last/test/acc1",
+                                           *optional]),
             "best/test/ece", "gain", "teacher/test/acc1", "wall_s", "status"]
 
 
@@ -234,7 +239,7 @@ def render(rows: list[dict], fmt: str, metric: str = MAIN_METRIC) -> str:
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    cols = _columns(metric)
+    cols = _columns(metric, rows)
     lines = ["| " + " | ".join(SHORT.get(c, c) for c in cols) + " |",
              "|" + "|".join("---" if c in _TEXT else "---:" for c in cols) + "|"]
     lines += ["| " + " | ".join(_cell(r, c).replace("|", "\\|") for c in cols) + " |"
@@ -245,7 +250,7 @@ def render(rows: list[dict], fmt: str, metric: str = MAIN_METRIC) -> str:
 def print_table(rows: list[dict], metric: str = MAIN_METRIC, title: str | None = None) -> None:
     from rich.table import Table
 
-    table, cols = Table(title=title), _columns(metric)
+    table, cols = Table(title=title), _columns(metric, rows)
     for c in cols:
         table.add_column(SHORT.get(c, c), justify="left" if c in _TEXT else "right")
     for r in rows:

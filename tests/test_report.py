@@ -197,3 +197,31 @@ def test_second_sweep_pools_flags_repeats_and_ignores_launch_overrides(sweep, tm
     assert ce["n"] == 4 and ce["seeds"] == [0, 0, 1, 2]
     assert ce["status"] == "1 repeated seed, 1 running"
     assert ce["best/test/acc1"] == pytest.approx(statistics.mean([80.1, 81.3, 79.7, 70.0]))
+
+
+def test_robust_accuracy_column_only_when_measured(tmp_path, capsys):
+    """`best/test/pgd_acc1` (eval.pgd) gets a mean ± std column; sweeps without it show none."""
+    root = tmp_path / "sweep"
+    for num, (loss, pgd) in enumerate([("adv_ce", 40.0), ("adv_ce", 44.0), ("ce", 2.0)]):
+        overrides = [f"loss={loss}", f"seed={num}"]
+        s = summary_for("ce", "resnet8", num, "finished", 80.0, overrides, root / str(num))
+        s["loss"] = loss
+        s["best/test/pgd_acc1"] = pgd
+        write_job(root / str(num), overrides, s)
+    out = run_cli(capsys, root, "--format", "md")
+    header, _, *lines = out.strip().splitlines()
+    assert "pgd acc1" in header
+    row = next(line for line in lines if "loss=adv_ce" in line)
+    assert f"42.00 ± {statistics.stdev([40.0, 44.0]):.2f}" in row
+    rows = json.loads(run_cli(capsys, root, "--format", "json"))
+    assert {r["config"]: r["best/test/pgd_acc1"] for r in rows}["loss=ce"] == 2.0
+    assert "pgd acc1" not in run_cli(capsys, _plain_sweep(tmp_path), "--format", "md")
+
+
+def _plain_sweep(tmp_path) -> Path:
+    root = tmp_path / "plain"
+    for num in range(2):
+        overrides = [f"seed={num}"]
+        write_job(root / str(num), overrides,
+                  summary_for("ce", "resnet8", num, "finished", 80.0, overrides, root / str(num)))
+    return root

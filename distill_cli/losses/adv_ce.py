@@ -1,0 +1,87 @@
+"""Adversarial training with cross-entropy (Madry et al., ICLR 2018, "Towards Deep Learning
+Models Resistant to Adversarial Attacks"): the robust model — e.g. MTARD's robust teacher,
+trained through the same runner and teacher store."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from distill_cli.adversarial import NormalizedModel, check_attack, pgd, pixel_stats
+from distill_cli.errors import UserError
+from distill_cli.losses.base import Objective, StepContext
+from distill_cli.losses.ce import _as_float
+
+
+class AdversarialCE(Objective):
+    """`adv_weight·CE(f(x_adv), y) + clean_weight·CE(f(x), y)`, batch means, no teacher.
+
+    `x_adv` = PGD L∞ (distill_cli/adversarial.py) against the model being trained, on the same
+    batch, in [0, 1] pixel space: `steps` sign-gradient steps of `step_size` on CE, ε-ball ∩ [0, 1]
+    projection after each, `random_start` uniform in the ε-ball; the model is in eval mode while
+    it is attacked (BatchNorm statistics come only from the training forwards) and back in train
+    mode for the loss. Madry's objective is the adversarial term alone (`clean_weight: 0`, the
+    default — then the clean forward is skipped); `clean_weight > 0` mixes in clean CE
+    (Goodfellow et al. 2015's 50/50 mix is `adv_weight: 0.5, clean_weight: 0.5`), never TRADES' KL.
+    `label_smoothing` (torch's ε) applies to both CE terms; 0 = plain CE. It exists so that a
+    teacher-store loss written over the CE default (`teacher.train.loss`) merges cleanly.
+
+    Forward can also be called with logits (then `student_logits` are taken as the adversarial
+    logits; tests and logit-only callers). Terms: `loss`; `adv_ce`; `clean_ce` when
+    `clean_weight > 0`. The attack's start noise draws from the global torch RNG (checkpointed by
+    the engine, so a resumed run is bit-exact).
+    """
+
+    needs_teacher = False
+    owns_step = True
+
+    def __init__(self, eps=8 / 255, step_size=2 / 255, steps: int = 10,
+                 random_start: str | None = "uniform", adv_weight: float = 1.0,
+                 clean_weight: float = 0.0, label_smoothing: float = 0.0):
+        super().__init__()
+        self.eps, self.step_size, self.steps = check_attack(eps, step_size, steps, random_start,
+                                                            "loss")
+        self.random_start = random_start
+        for key, value in (("adv_weight", adv_weight), ("clean_weight", clean_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise UserError(f"adv_ce {key} must be a number >= 0, got {value!r}",
+                                f"loss.{key}", "Use e.g. adv_weight=1 clean_weight=0 (Madry)")
+        if not 0.0 <= float(label_smoothing) <= 1.0:
+            raise UserError(f"label_smoothing must be in [0, 1], got {label_smoothing}",
+                            "loss.label_smoothing", "Use 0.0 (plain CE)")
+        self.adv_weight, self.clean_weight = float(adv_weight), float(clean_weight)
+        self.label_smoothing = float(label_smoothing)
+        self._pixels: tuple | None = None
+
+    def bind(self, student, teacher, data) -> None:
+        self._pixels = pixel_stats(data.train, "loss")   # a UserError before training starts
+
+    def _ce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(_as_float(logits), targets, label_smoothing=self.label_smoothing)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                targets: torch.Tensor, ctx: StepContext | None = None, *,
+                clean_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        adv = self._ce(student_logits, targets)
+        terms = {"adv_ce": adv.detach()}
+        loss = self.adv_weight * adv
+        if self.clean_weight > 0:
+            clean = self._ce(student_logits if clean_logits is None else clean_logits, targets)
+            loss = loss + self.clean_weight * clean
+            terms["clean_ce"] = clean.detach()
+        return {"loss": loss, **terms}
+
+    def step_terms(self, student, teacher, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if self._pixels is None:
+            raise RuntimeError("AdversarialCE.bind(student, teacher, data) was not called")
+        model = NormalizedModel(student, *self._pixels, batch.x.device)
+        x01 = model.pixels(batch.x)
+        x_adv01 = pgd(model, x01, batch.y, self.eps, self.step_size, self.steps,
+                      self.random_start)
+        adv_logits = model(x_adv01).float()   # train mode (pgd restored it)
+        clean_logits = student(batch.x).float() if self.clean_weight > 0 else None
+        return self(adv_logits, None, batch.y, ctx, clean_logits=clean_logits)
+
+    def extra_repr(self) -> str:
+        return (f"eps={self.eps:.5f}, step_size={self.step_size:.5f}, steps={self.steps}, "
+                f"random_start={self.random_start}, adv_weight={self.adv_weight}, "
+                f"clean_weight={self.clean_weight}, label_smoothing={self.label_smoothing}")
