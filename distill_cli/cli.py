@@ -15,19 +15,42 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 _task_started = False
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _distill(cfg: DictConfig) -> None:
+def _run_task(task, cfg: DictConfig) -> None:
+    """Run a Hydra task; user errors exit 2 with one paragraph, interruptions with their code."""
     global _task_started
     _task_started = True
     from .errors import UserError, exit_with
-    from .launcher import RunInterrupted, run
+    from .launcher import RunInterrupted
 
     try:
-        run(cfg)
+        task(cfg)
     except UserError as err:
         exit_with(err)
     except RunInterrupted as stop:
         sys.exit(stop.exit_code)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _distill(cfg: DictConfig) -> None:
+    from .launcher import run
+    _run_task(run, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")
+def _search(cfg: DictConfig) -> None:
+    from .search import search
+    _run_task(search, cfg)
+
+
+def _composition_errors_exit_2(main) -> None:
+    try:
+        main()
+    except SystemExit as exc:
+        # Hydra reports composition errors (unknown group option, bad override) itself and
+        # exits 1 before our task starts: those are user errors, so exit 2.
+        if exc.code == 1 and not _task_started:
+            sys.exit(2)
+        raise
 
 
 # glibc's defaults mmap and unmap PyTorch's large buffers on every step; these settings keep
@@ -49,14 +72,12 @@ def tune_allocator() -> None:
 
 def distill_main() -> None:
     tune_allocator()
-    try:
-        _distill()
-    except SystemExit as exc:
-        # Hydra reports composition errors (unknown group option, bad override) itself and
-        # exits 1 before our task starts: those are user errors, so exit 2.
-        if exc.code == 1 and not _task_started:
-            sys.exit(2)
-        raise
+    _composition_errors_exit_2(_distill)
+
+
+def search_main() -> None:
+    """`distill-search`: DisWOT training-free student search (distill_cli/search.py)."""
+    _composition_errors_exit_2(_search)
 
 
 def report_main(argv: list[str] | None = None) -> None:
