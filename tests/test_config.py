@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from distill_cli import build
 from distill_cli.cli import CONF_DIR
 from distill_cli.errors import UserError
-from distill_cli.losses.base import Objective
+from distill_cli.losses.base import Objective, StepContext
+from distill_cli.models import create
 
 from conftest import make_cfg
 
@@ -56,10 +57,29 @@ def test_cnn1d_builds_on_mnist1d():
 
 @pytest.mark.parametrize("loss", options("loss"))
 def test_every_loss_option(loss):
+    """Every loss builds and gives a finite scalar loss: logit objectives from logits, objectives
+    that own their step (feature / adversarial methods) through bind + step_terms on two small
+    CNNs (a pool of two for multi-teacher ones)."""
     objective = build.build_objective(make_cfg([f"loss={loss}"]).loss)
     assert isinstance(objective, Objective)
-    s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
-    terms = objective(s, t if objective.needs_teacher else None, y)
+    if not objective.owns_step:
+        s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+        terms = objective(s, t if objective.needs_teacher else None, y)
+    else:
+        data = build.build_data(make_cfg(["dataset=fake", "dataset.shape=[3,16,16]",
+                                          "dataset.train_size=64"]).dataset)
+        torch.manual_seed(0)
+        student = create("resnet8", 10, 3, (16, 16))
+        teachers = [create("resnet14", 10, 3, (16, 16)).eval() for _ in range(2)]
+        teacher = (teachers if objective.multiple_teachers
+                   else teachers[0] if objective.needs_teacher else None)
+        objective.bind(student, teacher, data)
+        batch = next(iter(data.train.train_batches(8, 0, 1)))
+        ctx = StepContext(epoch=1, step=0, steps_per_epoch=7, total_steps=14)
+        terms = objective.step_terms(student, teacher, batch, ctx)
+        terms["loss"].backward()
+        assert any(p.grad is not None for p in student.parameters())
+        assert all(p.grad is None for t in teachers for p in t.parameters())
     assert terms["loss"].ndim == 0 and torch.isfinite(terms["loss"])
 
 
