@@ -5,6 +5,7 @@ only construct this package's components and torch optimizers — never arbitrar
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import hydra.utils
@@ -12,6 +13,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UserError
 
+#: the config tree (editable installs: conf/ sits beside the package)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 ALLOWED_PREFIXES = ("distill_cli.", "torch.optim.")
 # Keys of the teacher node that describe where its weights come from, not the architecture.
 TEACHER_SOURCE_KEYS = ("checkpoint", "seed", "train", "outputs", "outputs_dtype")

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 # conf/ sits beside the package in the checkout (editable install); see README.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from .build import CONF_DIR  # noqa: E402  (re-exported: tests and benchmarks compose from it)
 
 _task_started = False
 

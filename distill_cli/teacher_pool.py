@@ -17,11 +17,13 @@ so they rank teachers by how well they FIT the target data, not by held-out accu
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .build import TEACHER_SOURCE_KEYS
+from .build import CONF_DIR, TEACHER_SOURCE_KEYS
 from .engine import predict
 from .errors import UserError
 from .teachers import resolve_teacher
@@ -73,8 +75,12 @@ def entry_config(cfg: DictConfig, entry, i: int) -> DictConfig:
                         "<run>/checkpoints/best.pt} or {arch: resnet8, seed: 1}")
     base = OmegaConf.to_container(cfg, resolve=True)
     source = {k: v for k, v in base["teacher"].items() if k in TEACHER_SOURCE_KEYS}
-    node = OmegaConf.merge({**source, "checkpoint": None,
-                            "_target_": "distill_cli.models.create"}, entry)
+    # the zoo's defaults for the arch first, so `{arch: cnn}` is the same teacher (and the same
+    # teacher-store entry) as `teacher=cnn`
+    zoo = Path(CONF_DIR) / "student" / f"{entry.arch}.yaml"
+    defaults = OmegaConf.load(zoo) if zoo.is_file() else {}
+    node = OmegaConf.merge(defaults, {**source, "checkpoint": None,
+                                      "_target_": "distill_cli.models.create"}, entry)
     return OmegaConf.create({**base, "teacher": OmegaConf.to_container(node, resolve=True)})
 
 

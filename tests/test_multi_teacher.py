@@ -160,3 +160,21 @@ def test_stored_pool_outputs_end_with_the_live_runs_weights(tmp_path, digits_tea
     again = run(make_cfg(MT + [pool, "teacher.outputs=store", "seed=1"]), tmp_path / "again",
                 tty=False)
     assert again["teacher/outputs_hit_rate"] == 1.0
+
+
+def test_a_pool_entry_is_the_same_stored_teacher_as_the_teacher_group():
+    """`{arch: cnn}` in `teachers` gets the zoo's defaults for cnn (e.g. dropout), so the teacher
+    store key equals `teacher=cnn`'s: a pool reuses the teachers single-teacher runs trained."""
+    from distill_cli.build import build_data
+    from distill_cli.store import content_key
+    from distill_cli.teacher_pool import entry_config
+    from distill_cli.teachers import teacher_description
+
+    single = make_cfg(DIGITS + ["teacher=cnn", "loss=kd", "teacher.seed=3"])
+    pool = make_cfg(MT + ["teachers=[{arch: cnn, seed: 3}, {arch: cnn, seed: 4, dropout: 0.1}]"])
+    data = build_data(single.dataset)
+    keys = [content_key(teacher_description(entry_config(pool, e, i), data))
+            for i, e in enumerate(pool.teachers)]
+    assert keys[0] == content_key(teacher_description(single, data))
+    assert keys[1] != keys[0]
+    assert entry_config(pool, pool.teachers[1], 1).teacher.dropout == 0.1   # the entry wins
