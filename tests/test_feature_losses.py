@@ -588,3 +588,14 @@ def test_crd_trains_and_resumes_bit_exactly(tmp_path, digits_teacher):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     strip = lambda rs: [{k: v for k, v in r.items() if "images_per_s" not in k} for r in rs]
     assert strip(read_metrics(full)) == strip(read_metrics(parted))
+
+
+def test_stage_pairs_by_relative_depth_and_out_of_range_is_a_user_error():
+    from distill_cli.losses.features import stage_pairs
+    assert stage_pairs(3, 3) == [(0, 0), (1, 1), (2, 2)]
+    assert stage_pairs(3, 4) == [(0, 0), (1, 2), (2, 3)]      # round(1 * 3 / 2) = 2
+    assert stage_pairs(4, 3, [-1, 0]) == [(0, 0), (3, 2)]
+    assert stage_pairs(1, 4) == [(0, 3)]
+    with pytest.raises(UserError) as info:
+        stage_pairs(3, 3, [3])
+    assert info.value.key == "loss.stages"

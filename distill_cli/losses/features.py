@@ -39,6 +39,11 @@ def stage_pairs(n_student: int, n_teacher: int, stages="all") -> list[tuple[int,
     if stages == "all":
         chosen = list(range(n_student))
     else:
+        bad = [i for i in stages if not -n_student <= int(i) < n_student]
+        if bad:
+            raise UserError(f"loss.stages={list(stages)}: the student has {n_student} stages "
+                            f"(indices {-n_student}..{n_student - 1})", "loss.stages",
+                            "Use stage indices in that range, or stages=all")
         chosen = sorted({int(i) % n_student for i in stages})
     if n_student == 1:
         return [(0, n_teacher - 1)]
@@ -75,8 +80,9 @@ class FeatureObjective(Objective):
             if any(f.dim() == 3 for f in feats) and not hasattr(model, "grid_size"):
                 # [B, C, L] maps of a 1-D conv net read like [B, N, D] tokens: refuse, not guess
                 raise UserError(f"loss={type(self).__name__} reads stage features, but "
-                                f"{key}={type(model).__name__} has 1-D feature maps, which "
-                                "feature methods do not support yet", key,
+                                f"{key}={type(model).__name__} has 3-D stage outputs that are "
+                                "not tokens on a grid (1-D feature maps [B, C, L]; a token "
+                                "model declares `grid_size`)", key,
                                 "Use a logit method (kd, dkd, ...) for 1-D signal models")
         self.build_heads([f.shape[1:] for f in s_feats], [f.shape[1:] for f in t_feats],
                          s_logits.shape[1], student, teacher)
