@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from distill_cli import build
 from distill_cli.data.fake import build as fake_data
 from distill_cli.losses.base import Objective
+from distill_cli.teacher_pool import entry_config
 
 from conftest import REPO, make_cfg
 
@@ -37,9 +38,12 @@ def test_recipe_composes_and_builds(recipe):
         assert line in text, line
     assert "epochs:" in text and "batch_size:" in text
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["teacher"]["arch"] is not None
     objective = build.build_objective(cfg.loss)
     assert isinstance(objective, Objective) and objective.needs_teacher
+    # one teacher, or a pool (`teachers`) for multi-teacher objectives
+    pool = [entry_config(cfg, e, i).teacher for i, e in enumerate(cfg.teachers)]
+    assert bool(pool) == objective.multiple_teachers
+    assert pool or resolved["teacher"]["arch"] is not None
     if cfg.dataset._target_.endswith("mnist1d.build"):
         data = build.build_data(cfg.dataset)
     else:
@@ -50,11 +54,11 @@ def test_recipe_composes_and_builds(recipe):
     optimizer = build.build_optimizer(cfg.optimizer, params)
     build.build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=10,
                           epochs=int(cfg.trainer.epochs))
-    teacher_node = OmegaConf.merge(cfg.teacher, {"weights": None} if "weights" in cfg.teacher
-                                   else {})
-    teacher = build.build_model(teacher_node, "teacher", data)
     x = torch.zeros(2, *data.input_shape)
-    assert student(x).shape == teacher(x).shape == (2, data.num_classes)
+    for node in pool or [cfg.teacher]:
+        node = OmegaConf.merge(node, {"weights": None} if "weights" in node else {})
+        teacher = build.build_model(node, "teacher", data)
+        assert student(x).shape == teacher(x).shape == (2, data.num_classes)
 
 
 @pytest.mark.parametrize("recipe,pair,beta", [("cifar100_r32x4_r8x4_dkd", ("resnet32x4", "resnet8x4"), 8),
@@ -84,3 +88,17 @@ def test_command_line_beats_the_recipe():
     cfg = make_cfg(["recipe=quickstart", "loss=dkd", "trainer.epochs=2"])
     assert cfg.loss._target_.endswith("DKD") and cfg.trainer.epochs == 2
     assert cfg.loss.warmup == 2  # the recipe's per-method option reaches DKD
+
+
+def test_mtard_recipe_pairs_the_fmnist_bench_teacher_with_a_robust_one():
+    from distill_cli.store import content_key
+    from distill_cli.teachers import teacher_description
+
+    cfg = make_cfg(["recipe=fmnist_mtard"])
+    bench = make_cfg(["recipe=fmnist_bench"])
+    data = fake_data(shape=(1, 28, 28), num_classes=10, train_size=8, test_size=4)
+    clean, robust = (entry_config(cfg, e, i) for i, e in enumerate(cfg.teachers))
+    key = lambda c: content_key(teacher_description(c, data))   # noqa: E731
+    assert key(clean) == key(bench)            # the clean teacher IS fmnist_bench's teacher
+    assert robust.teacher.train.loss._target_.endswith("AdversarialCE") and key(robust) != key(clean)
+    assert cfg.eval.pgd.steps == 20 and cfg.loss._target_.endswith("MTARD")
