@@ -15,6 +15,7 @@ of the `distill` entry point (in subprocesses), and the DataLoader path next to 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ from distill_cli import build, checkpoint  # noqa: E402
 from distill_cli.cli import CONF_DIR  # noqa: E402
 from distill_cli.data.bundle import epoch_order  # noqa: E402
 from distill_cli.launcher import run  # noqa: E402
+from distill_cli.models.fold import fold_batchnorm  # noqa: E402
 
 TEACHER = ["teacher=cnn", "teacher.convs_per_stage=1"]
 STUDENT = ["student=cnn_small"]
@@ -139,6 +141,25 @@ def main() -> None:
             kd + ["teacher.outputs=live", "trainer.channels_last=true"], workdir,
             "kdlcl")["train/images_per_s"],
     }
+    # the frozen teacher's forward alone, BN folded (what runs use) vs not, NCHW / channels_last
+    folded = copy.deepcopy(teacher)
+    fold_batchnorm(folded)
+    xb = (data.train.x[:args.batch].float() / 255 - data.train._mean) / data.train._std
+
+    def teacher_ips(model, channels_last=False):
+        m = copy.deepcopy(model).to(memory_format=torch.channels_last) if channels_last else model
+        x = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
+        with torch.inference_mode():
+            m(x)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                m(x)
+        return 20 * args.batch / (time.perf_counter() - t0)
+
+    for cl in (False, True):
+        tag = " channels_last" if cl else ""
+        variants[f"teacher forward{tag}"] = lambda cl=cl: teacher_ips(teacher, cl)
+        variants[f"teacher forward, BN folded{tag}"] = lambda cl=cl: teacher_ips(folded, cl)
     results = {k: [] for k in variants}
     for name in variants:  # one untimed warm-up each (allocator, oneDNN kernels)
         variants[name]()
@@ -252,6 +273,11 @@ def main() -> None:
         ("peak RSS GiB of this benchmark process (dataset {:.2f} GiB + models + 1 GiB)".format(
             data_gib), f"{rss_gib:.3f}", f"≤ {data_gib + 1.05:.2f}"),
     ]
+    lines += ["", "| frozen teacher forward (inference, batch {}) | BN folded ÷ not (time) |".format(
+        args.batch), "|---|---:|",
+        f"| NCHW | {ratio('teacher forward', 'teacher forward, BN folded')} |",
+        f"| channels_last | "
+        f"{ratio('teacher forward channels_last', 'teacher forward, BN folded channels_last')} |"]
     lines += ["", "| goal | measured: median (range over repetitions) | target |",
               "|---|---:|---:|"]
     lines += [f"| {g} | {v} | {t} |" for g, v, t in goals]

@@ -193,6 +193,8 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
     else:
         teacher_id = {"source": teacher_info.get("teacher/source"),
                       "model": OmegaConf.to_container(model_node(cfg.teacher))}
+    if teacher_info.get("teacher/bn_folded"):   # folded BN: other last bits, other tables
+        teacher_id["bn_folded"] = True
     if teacher_info.get("teacher/head") == "ncm":   # a pool's other-task teacher (teacher_pool)
         teacher_id["head"] = "ncm"
     teacher_id["precision"] = str(cfg.trainer.precision)

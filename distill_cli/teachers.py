@@ -20,6 +20,7 @@ from . import checkpoint
 from .build import TEACHER_SOURCE_KEYS, build_model, model_node
 from .data.bundle import derive_seed
 from .errors import UserError
+from .models.fold import fold_batchnorm
 from .store import Store, content_key
 
 STORE_FORMAT = 1  # bump when the meaning of a stored teacher changes
@@ -221,13 +222,17 @@ def resolve_teacher(cfg: DictConfig, data, device: torch.device, reporter=None, 
     if online:
         return online_teacher(cfg, data, device)
     if not node.get("checkpoint") and arch.get("weights"):
-        return pretrained(arch, data, device), {"teacher/source": f"weights:{arch.weights}"}
-    if not node.get("checkpoint"):
-        return from_store(cfg, data, device, reporter, tty)
-    ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint")
-    model = frozen_from_checkpoint(node, ckpt, data, device, "teacher.checkpoint", any_classes)
-    return model, {"teacher/source": "checkpoint",
-                   "teacher/checkpoint": str(Path(node.checkpoint).expanduser())}
+        model, info = pretrained(arch, data, device), {"teacher/source": f"weights:{arch.weights}"}
+    elif not node.get("checkpoint"):
+        model, info = from_store(cfg, data, device, reporter, tty)
+    else:
+        ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint")
+        model = frozen_from_checkpoint(node, ckpt, data, device, "teacher.checkpoint",
+                                       any_classes)
+        info = {"teacher/source": "checkpoint",
+                "teacher/checkpoint": str(Path(node.checkpoint).expanduser())}
+    # a frozen teacher is an inference-only graph: BN folded into its convs (models/fold.py)
+    return model, {**info, "teacher/bn_folded": fold_batchnorm(model)}
 
 
 # ------------------------------------------------------------------------------ store commands
