@@ -73,19 +73,21 @@ def build_model(node: DictConfig, key: str, data) -> Any:
                        in_channels=data.input_shape[0], input_size=tuple(data.input_shape[1:]))
 
 
+def _without(node: DictConfig, keys) -> DictConfig:
+    """`node` minus the keys the runner reads itself (the built class never sees them)."""
+    if not any(k in node for k in keys):
+        return node
+    plain = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.create({k: v for k, v in plain.items() if k not in keys})
+
+
 def build_data(node: DictConfig, key: str = "dataset"):
     from .data.unlabeled import RUN_KEYS   # options the runner applies (data/unlabeled.py)
-    if any(k in node for k in RUN_KEYS):
-        plain = OmegaConf.to_container(node, resolve=True)
-        node = OmegaConf.create({k: v for k, v in plain.items() if k not in RUN_KEYS})
-    return instantiate(node, key)
+    return instantiate(_without(node, RUN_KEYS), key)
 
 
 def build_objective(node: DictConfig):
-    if any(k in node for k in LOSS_RUN_KEYS):
-        plain = OmegaConf.to_container(node, resolve=True)
-        node = OmegaConf.create({k: v for k, v in plain.items() if k not in LOSS_RUN_KEYS})
-    return instantiate(node, "loss")
+    return instantiate(_without(node, LOSS_RUN_KEYS), "loss")
 
 
 def _call_partial(node: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:

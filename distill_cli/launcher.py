@@ -15,7 +15,7 @@ from .adversarial import pgd_settings, pixel_stats, robust_accuracy
 from .build import (build_data, build_logger, build_model, build_objective, build_optimizer,
                     build_scheduler, model_node)
 from .data import unlabeled
-from .data.mixing import MixSpec
+from .data.mixing import MIX_OFF, MixSpec
 from .engine import Engine, score
 from .errors import UserError
 from .privacy import membership_auc
@@ -107,8 +107,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         raise UserError(f"loss={type(objective).__name__} indexes by the hard label, so it "
                         "cannot train on mixup/CutMix batches (their targets are label "
                         "mixtures)", "augment.mix",
-                        "Turn mixing off (augment.mix.mixup_alpha=0 augment.mix.cutmix_alpha=0 "
-                        "augment.mix.partial=null) or pick another loss")
+                        f"Turn mixing off ({MIX_OFF}) or pick another loss")
     check_teachers(cfg, objective)
     mia = mia_settings(cfg, objective)
     label_free = unlabeled.check(cfg.dataset, objective, mix.enabled, mia is not None)

@@ -56,7 +56,12 @@ _MIX_KEYS = ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob", "partial")
 _PARTIAL_KEYS = ("keep_fraction", "with_replacement", "alpha")
 
 
+#: the overrides that turn every kind of batch mixing off (named in user-error fixes)
+MIX_OFF = "augment.mix.mixup_alpha=0 augment.mix.cutmix_alpha=0 augment.mix.partial=null"
+
+
 @dataclass(frozen=True)
+
 class PartialSpec:
     """MIX-KD partial mixup: keep `keep_fraction` of the rows unmixed, mix the rest with
     `a ~ Beta(alpha, alpha)` each (see the module docstring for `with_replacement`)."""

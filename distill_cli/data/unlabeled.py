@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli.data.bundle import DataBundle, InMemorySplit
+from distill_cli.data.mixing import MIX_OFF
 from distill_cli.errors import UserError
 
 UNLABELED = -1
@@ -53,8 +54,7 @@ def check(node: DictConfig, objective, mixing: bool, mia: bool) -> bool:
                         f"{undo}")
     if mixing:
         raise UserError(f"mixup/CutMix targets are label mixtures, so they cannot be used {what}",
-                        "augment.mix", "Turn mixing off (augment.mix.mixup_alpha=0 "
-                        f"augment.mix.cutmix_alpha=0 augment.mix.partial=null) or {undo}")
+                        "augment.mix", f"Turn mixing off ({MIX_OFF}) or {undo}")
     if mia:
         raise UserError(f"membership inference (eval.mia) scores training samples by their loss "
                         f"on the true labels, which a run {what} does not have", "eval.mia",
