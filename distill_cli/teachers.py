@@ -98,8 +98,11 @@ def teacher_description(cfg: DictConfig, data) -> dict:
     return {"format": STORE_FORMAT,
             "model": {k: v for k, v in teacher.items() if k not in TEACHER_SOURCE_KEYS},
             "data": data.identity, "seed": int(teacher["seed"]),
-            "train": {k: train[k] for k in ("epochs", "batch_size", "optimizer", "scheduler",
-                                            "loss")},
+            "train": {**{k: train[k] for k in ("epochs", "batch_size", "optimizer", "scheduler",
+                                               "loss")},
+                      # NHWC trains with other kernels (other last bits); named only when on,
+                      # so the keys of every NCHW-trained teacher stay what they were
+                      **({"channels_last": True} if train.get("channels_last") else {})},
             "precision": str(cfg.trainer.precision)}
 
 
@@ -114,8 +117,10 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
              seed=teacher["seed"],
              logger={"_target_": "distill_cli.tracking.NullLogger", "_partial_": True},
              teachers=[], self_distill={**c.get("self_distill", {}), "generations": 0})
+    # the student's memory format is a speed choice of ITS run; the teacher's is teacher.train's
     c["trainer"].update(epochs=train["epochs"], batch_size=train["batch_size"], resume=None,
-                        stop_at_step=None, checkpoint_every_n_steps=None)
+                        stop_at_step=None, checkpoint_every_n_steps=None,
+                        channels_last=bool(train.get("channels_last", False)))
     c["augment"] = {"mix": {}}  # the student's mixing is a distillation choice, not the teacher's
     # likewise label-free student training (data/unlabeled.py): a teacher learns from the labels
     c["dataset"].update(labels=True, extra_unlabeled=None)

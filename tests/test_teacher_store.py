@@ -41,7 +41,7 @@ def test_same_inputs_same_key_and_student_side_changes_keep_it(digits):
     assert base == key_of([], digits)
     for same in (["seed=3"], ["loss=dkd"], ["student=resnet8"], ["trainer.log_every_n_steps=1"],
                  ["trainer.epochs=7"], ["optimizer.lr=0.01"], ["trainer.batch_size=32"],
-                 ["scheduler=multistep"]):
+                 ["scheduler=multistep"], ["trainer.channels_last=true"]):
         assert key_of(same, digits) == base, same
 
 
@@ -49,9 +49,18 @@ def test_same_inputs_same_key_and_student_side_changes_keep_it(digits):
                                     ["teacher.train.epochs=3"], ["teacher.train.batch_size=32"],
                                     ["teacher.train.optimizer.lr=0.01"],
                                     ["teacher.train.loss.label_smoothing=0.1"],
-                                    ["trainer.precision=bf16"]])
+                                    ["trainer.precision=bf16"],
+                                    ["teacher.train.channels_last=true"]])
 def test_any_relevant_change_gives_a_new_key(digits, change):
     assert key_of(change, digits) != key_of([], digits)
+
+
+def test_the_teacher_trains_in_its_own_memory_format_not_the_students():
+    from distill_cli.teachers import teacher_run_config
+    student_nhwc = teacher_run_config(make_cfg(KD + ["trainer.channels_last=true"]))
+    assert student_nhwc.trainer.channels_last is False
+    teacher_nhwc = teacher_run_config(make_cfg(KD + ["teacher.train.channels_last=true"]))
+    assert teacher_nhwc.trainer.channels_last is True
 
 
 def test_data_identity_is_part_of_the_key():
