@@ -85,6 +85,42 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def checked_plan(cfg: DictConfig) -> tuple:
+    """The objective and every run option that can be refused, checked before anything
+    expensive: (objective, mixing, membership-inference settings, label_free, PGD settings)."""
+    objective = build_objective(cfg.loss)
+    mix = MixSpec.from_config(cfg.augment.mix)
+    if mix.enabled and not objective.accepts_soft_targets:
+        raise UserError(f"loss={type(objective).__name__} indexes by the hard label, so it "
+                        "cannot train on mixup/CutMix batches (their targets are label "
+                        "mixtures)", "augment.mix",
+                        f"Turn mixing off ({MIX_OFF}) or pick another loss")
+    check_teachers(cfg, objective)
+    mia = mia_settings(cfg, objective)
+    label_free = unlabeled.check(cfg.dataset, objective, mix.enabled, mia is not None)
+    pgd = pgd_settings(cfg)   # eval.pgd: validated now, run after training
+    return objective, mix, mia, label_free, pgd
+
+
+def teachers_of(cfg: DictConfig, objective, data, device, printer, tty) -> tuple:
+    """(teacher or None, pool [(entry, model, info)] or [], summary info): the one teacher
+    (store, checkpoint or online), or a multi-teacher pool whose scores the objective takes."""
+    if not objective.multiple_teachers:
+        teacher, info = resolve_teacher(cfg, data, device, printer, tty,
+                                        online=objective.online_teacher)
+        return teacher, [], info
+    pool, scores, info = resolve_pool(cfg, data, device, printer, tty)
+    objective.set_scores(scores)
+    info["teachers/weights"] = objective.teacher_weights.tolist()
+    return None, pool, info
+
+
+def optimizer_and_schedule(opt_node, sched_node, params: list, steps_per_epoch: int,
+                           epochs: int) -> tuple:
+    optimizer = build_optimizer(opt_node, params)
+    return optimizer, build_scheduler(sched_node, optimizer, steps_per_epoch, epochs)
+
+
 def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = None,
         data=None) -> dict:
     """Train one run into `run_dir` (default: Hydra's output dir); `data` reuses a loaded
@@ -101,33 +137,15 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     if resumed is not None:
         check_same_run(cfg, resumed)
     overrides, group = _hydra_context()
-    objective = build_objective(cfg.loss)
-    mix = MixSpec.from_config(cfg.augment.mix)
-    if mix.enabled and not objective.accepts_soft_targets:
-        raise UserError(f"loss={type(objective).__name__} indexes by the hard label, so it "
-                        "cannot train on mixup/CutMix batches (their targets are label "
-                        "mixtures)", "augment.mix",
-                        f"Turn mixing off ({MIX_OFF}) or pick another loss")
-    check_teachers(cfg, objective)
-    mia = mia_settings(cfg, objective)
-    label_free = unlabeled.check(cfg.dataset, objective, mix.enabled, mia is not None)
-    pgd = pgd_settings(cfg)   # eval.pgd: validated now, run after training
+    objective, mix, mia, label_free, pgd = checked_plan(cfg)
 
     device = pick_device(cfg.trainer.device)
     data = data if data is not None else build_data(cfg.dataset).to(device)
     if pgd is not None:
         pixel_stats(data.test, "eval.pgd")   # an attack needs a [0, 1] pixel space
-    stage_printer = ConsoleReporter(0, tty=tty)
-    teachers, pool = [], []
-    if objective.multiple_teachers:
-        teacher = None
-        pool, scores, teacher_info = resolve_pool(cfg, data, device, stage_printer, tty)
-        teachers = [model for _, model, _ in pool]
-        objective.set_scores(scores)
-        teacher_info["teachers/weights"] = objective.teacher_weights.tolist()
-    else:
-        teacher, teacher_info = resolve_teacher(cfg, data, device, stage_printer, tty,
-                                                online=objective.online_teacher)
+    teacher, pool, teacher_info = teachers_of(cfg, objective, data, device,
+                                              ConsoleReporter(0, tty=tty), tty)
+    teachers = [model for _, model, _ in pool]
     if label_free:   # after the teacher: a teacher the store trains learns from the labels
         data = unlabeled.student_view(cfg.dataset, data, lambda node: build_data(
             node, "dataset.extra_unlabeled"))
@@ -142,22 +160,22 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     # with the student and saved in checkpoints (`objective`), never in the exported student
     objective.bind(student, teachers or teacher, data)
     objective.to(device)
-    params = list(student.parameters()) + list(objective.parameters())
-    optimizer = build_optimizer(cfg.optimizer, params)
+    if cfg.trainer.channels_last and len(data.input_shape) == 3:
+        objective.to(memory_format=torch.channels_last)   # its conv heads see NHWC maps too
     steps_per_epoch = data.train.num_batches(int(cfg.trainer.batch_size), train=True)
     if steps_per_epoch == 0:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the "
                         f"{len(data.train)} training examples", "trainer.batch_size",
                         "Lower trainer.batch_size or raise dataset.limit_train")
-    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch,
-                                int(cfg.trainer.epochs))
+    optimizer, scheduler = optimizer_and_schedule(
+        cfg.optimizer, cfg.scheduler, list(student.parameters()) + list(objective.parameters()),
+        steps_per_epoch, int(cfg.trainer.epochs))
     teacher_optimizer = teacher_scheduler = None
     if objective.online_teacher:   # its own optimizer/scheduler (default: the student's settings)
-        teacher_optimizer = build_optimizer(cfg.loss.get("teacher_optimizer", cfg.optimizer),
-                                            list(teacher.parameters()))
-        teacher_scheduler = build_scheduler(cfg.loss.get("teacher_scheduler", cfg.scheduler),
-                                            teacher_optimizer, steps_per_epoch,
-                                            int(cfg.trainer.epochs))
+        teacher_optimizer, teacher_scheduler = optimizer_and_schedule(
+            cfg.loss.get("teacher_optimizer", cfg.optimizer),
+            cfg.loss.get("teacher_scheduler", cfg.scheduler), list(teacher.parameters()),
+            steps_per_epoch, int(cfg.trainer.epochs))
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     previous = (read_json(run_dir / "summary.json") or {}) if continuing else {}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
@@ -27,49 +26,12 @@ from .build import build_data, build_model, model_node
 from .data.bundle import derive_seed
 from .diswot import combine, init_seed, penultimate_width, probe_network
 from .errors import UserError
-from .tracking import ConsoleReporter, write_json
+from .models.cost import count_macs, count_params
+from .search_report import print_table, write_result
+from .tracking import ConsoleReporter
 
 MODEL_TARGET = "distill_cli.models.create"
 TEACHER_WEIGHTS = ("random", "trained")
-
-
-# ------------------------------------------------------------------------------ model size
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: nn.Module, input_shape, device=None) -> int:
-    """Multiply-accumulates of one sample's forward through the conv and linear layers (forward
-    hooks; biases, norms, activations and pooling are not counted; FLOPs ≈ 2 × MACs).
-    Conv: output elements × in_channels/groups × kernel size; linear: output elements ×
-    in_features. The model runs once in eval mode on zeros; its mode is restored."""
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
-        else:
-            kernel = 1
-            for k in module.kernel_size:
-                kernel *= k
-            total += output.numel() * (module.in_channels // module.groups) * kernel
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    was_training = model.training
-    param = next(model.parameters(), None)
-    device = device or (param.device if param is not None else "cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return int(total)
 
 
 # ------------------------------------------------------------------------------ config
@@ -220,7 +182,7 @@ def search(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None 
               "relation": opts["relation"], "note": note, "rows": rows, "train": [],
               "wall_s": time.time() - started}
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write(run_dir, result)
+    write_result(run_dir, result)
     print_table(result, reporter)
 
     if opts["train"]:
@@ -235,12 +197,12 @@ def search(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None 
                                     **{k: summary.get(k) for k in (
                                         "best/val/acc1", "best/test/acc1", "last/test/acc1",
                                         "teacher/test/acc1", "wall_s")}})
-            _write(run_dir, result)
+            write_result(run_dir, result)
         result["status"] = "trained"
     else:
         result["status"] = "finished"
     result["wall_s"] = time.time() - started
-    _write(run_dir, result)
+    write_result(run_dir, result)
     if result["train"]:
         print_table(result, reporter)
     return result
@@ -273,66 +235,3 @@ def child_config(cfg: DictConfig, student: dict) -> DictConfig:
     plain.pop("search", None)
     plain["student"] = dict(student)
     return OmegaConf.create(plain)
-
-
-# ------------------------------------------------------------------------------ reporting
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def table_rows(result: dict) -> list[list[str]]:
-    return [[str(r["rank"]), r["candidate"], f"{r['params']:,}", f"{r['macs']:,}",
-             _fmt(r["d_sem"], ".4g"), _fmt(r["d_rel"], ".4g"), f"{r['score']:.5g}",
-             f"{r['wall_s']:.2f}"] for r in result["rows"]]
-
-
-HEADERS = ["rank", "candidate", "params", "FLOPs (MACs)", "D_sem", "D_rel", "score", "wall s"]
-
-
-def print_table(result: dict, reporter: ConsoleReporter) -> None:
-    from rich.table import Table
-
-    t = result["teacher"]
-    table = Table(title=f"DisWOT search · teacher {t['arch']} ({t['weights']} weights) · "
-                        f"{result['dataset']} · batch {result['batch_size']}")
-    for h in HEADERS:
-        table.add_column(h, justify="left" if h == "candidate" else "right")
-    for row in table_rows(result):
-        table.add_row(*row)
-    reporter.console.print(table)
-    if result["train"]:
-        trained = Table(title="distilled top-k")
-        for h in ("rank", "candidate", "best/test/acc1", "status", "run dir"):
-            trained.add_column(h)
-        for r in result["train"]:
-            trained.add_row(str(r["rank"]), r["candidate"], _fmt(r["best/test/acc1"], ".2f"),
-                            r["status"], r["run_dir"])
-        reporter.console.print(trained)
-
-
-def markdown(result: dict) -> str:
-    t = result["teacher"]
-    lines = [f"# DisWOT search: teacher {t['arch']} on {result['dataset']}", "",
-             f"Teacher weights: {t['weights']}; one training batch of {result['batch_size']} "
-             f"(seed {result['seed']}); terms: "
-             + ", ".join(n for n, on in (("D_sem", result["semantic"]),
-                                         ("D_rel", result["relation"])) if on)
-             + ". Score = -(D_sem + D_rel), higher = more similar to the teacher.", ""]
-    if result["note"]:
-        lines += [result["note"] + ".", ""]
-    lines += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
-    if result["train"]:
-        lines += ["", "## Distilled top-k", "", "| rank | candidate | best/test/acc1 | status |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['rank']} | {r['candidate']} | {_fmt(r['best/test/acc1'], '.2f')} | "
-                  f"{r['status']} |" for r in result["train"]]
-    return "\n".join(lines) + "\n"
-
-
-def _write(run_dir: Path, result: dict) -> None:
-    from .checkpoint import atomic_write_bytes
-
-    write_json(run_dir / "search.json", result)
-    text = markdown(result).encode()
-    atomic_write_bytes(run_dir / "search.md", lambda fh: fh.write(text))

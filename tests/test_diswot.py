@@ -20,7 +20,8 @@ from distill_cli.errors import UserError
 from distill_cli.launcher import RunInterrupted, run
 from distill_cli.losses.diswot import DisWOTDistill, fc_gradient
 from distill_cli.models import create
-from distill_cli.search import count_macs, count_params, search
+from distill_cli.models.cost import count_macs, count_params
+from distill_cli.search import search
 
 from conftest import DIGITS, make_cfg
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from distill_cli.errors import UserError
 from distill_cli.models import ARCHS, FeatureTaps, create
+from distill_cli.models.cost import count_params as n_params
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "student"
 TOKEN_ARCHS = {"vit_tiny", "mixer"}  # stages are [B, N, D] tokens: tests/test_models_hetero.py
@@ -25,10 +26,6 @@ PUBLISHED_M = {
     "resnet110": 1.73, "wrn_40_2": 2.26, "wrn_16_2": 0.70, "wrn_40_1": 0.57, "vgg13": 9.46,
     "vgg8": 3.96, "mobilenetv2": 0.81, "shufflenetv1": 0.95, "shufflenetv2": 1.36,
 }
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def check_contract(model: nn.Module, x: torch.Tensor, num_classes: int, stage_ndim: int | None):

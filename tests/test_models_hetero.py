@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DIGITS, make_cfg
 from scipy.special import erf
 from torch import nn
 
@@ -22,20 +23,15 @@ from distill_cli.errors import UserError
 from distill_cli.launcher import run
 from distill_cli.losses.features import pooled
 from distill_cli.models import ARCHS, FeatureTaps, create
+from distill_cli.models.cost import count_params as n_params
 from distill_cli.models.registry import _check_contract
 from distill_cli.models.vit import stage_ends
-
-from conftest import DIGITS, make_cfg
 
 TOKEN_ARCHS = ("vit_tiny", "mixer")
 NEW_ARCHS = (*TOKEN_ARCHS, "resnet18_cifar")
 # (in_channels, side, num_classes, patch): Fashion-MNIST, CIFAR-100, sklearn digits (patch 2)
 CASES = [(1, 28, 10, 4), (3, 32, 100, 4), (1, 8, 10, 2)]
 CASE_IDS = ["1x28", "3x32", "1x8-p2"]
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def make(arch: str, c: int, side: int, k: int, patch: int, **opts) -> nn.Module:
