@@ -151,17 +151,16 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             node, "dataset.extra_unlabeled"))
     torch.manual_seed(int(cfg.seed))
     student = build_model(cfg.student, "student", data).to(device)
-    if cfg.trainer.channels_last and len(data.input_shape) == 3:
-        # NHWC lets oneDNN/cuDNN pick faster conv kernels (measured in benchmarks/)
-        for model in (student, teacher, *teachers):
-            if model is not None:
-                model.to(memory_format=torch.channels_last)
     # trainable heads (feature methods) are created from the models' shapes, then optimised
     # with the student and saved in checkpoints (`objective`), never in the exported student
     objective.bind(student, teachers or teacher, data)
     objective.to(device)
     if cfg.trainer.channels_last and len(data.input_shape) == 3:
-        objective.to(memory_format=torch.channels_last)   # its conv heads see NHWC maps too
+        # NHWC lets oneDNN/cuDNN pick faster conv kernels (measured in benchmarks/); the
+        # objective's conv heads see the same NHWC maps
+        for model in (student, teacher, *teachers, objective):
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
     steps_per_epoch = data.train.num_batches(int(cfg.trainer.batch_size), train=True)
     if steps_per_epoch == 0:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the "
