@@ -112,8 +112,23 @@ def _config(overrides: list[str]) -> dict[str, str]:
         hydra = key == "hydra" or key.startswith(("hydra.", "hydra/"))
         if not (key == "seed" or hydra or _PATH_KEY.search(key)
                 or value.startswith(("/", "~", "./", "../"))):
-            out[key] = value
+            out[key] = _canonical(value)
     return out
+
+
+def _canonical(value: str) -> str:
+    """One spelling per value as Hydra reads it, so that sweeps written by hand (`true`,
+    `0.001`) and by the multirun sweeper (`True`, `1e-3`) pool into one group and label."""
+    low = value.lower()
+    if low in ("true", "false", "null"):
+        return low
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if not math.isfinite(number):
+        return value
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def group(runs: list[Run]) -> list[Group]:

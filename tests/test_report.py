@@ -225,3 +225,19 @@ def _plain_sweep(tmp_path) -> Path:
         write_job(root / str(num), overrides,
                   summary_for("ce", "resnet8", num, "finished", 80.0, overrides, root / str(num)))
     return root
+
+
+def test_one_value_spelt_two_ways_is_one_group(tmp_path):
+    """The multirun sweeper records `trainer.channels_last=True`, a hand-typed single run
+    `=true`; `1e-3` and `0.001` are one float. Each pair is one config, labelled once."""
+    root = tmp_path / "mixed"
+    spellings = [("True", "1e-3"), ("true", "0.001"), ("TRUE", "0.0010"), ("false", "0.001")]
+    for num, (flag, lr) in enumerate(spellings):
+        overrides = ["loss=ce", f"trainer.channels_last={flag}", f"optimizer.lr={lr}",
+                     f"seed={num}"]
+        write_job(root / str(num), overrides, summary_for("ce", "resnet8", num, "finished",
+                                                          80.0 + num, overrides, root / str(num)))
+    rows = by_config(summarize(group(collect([root]))))
+    assert set(rows) == {"trainer.channels_last=true", "trainer.channels_last=false"}
+    assert rows["trainer.channels_last=true"]["n"] == 3
+    assert rows["trainer.channels_last=true"]["seeds"] == [0, 1, 2]
