@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__, checkpoint
 from .adversarial import pgd_settings, pixel_stats, robust_accuracy
 from .build import (build_data, build_logger, build_model, build_objective, build_optimizer,
-                    build_scheduler, model_node)
+                    build_scheduler, model_node, runs_channels_last)
 from .data import unlabeled
 from .data.mixing import MIX_OFF, MixSpec
 from .engine import Engine, score
@@ -155,7 +155,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     # with the student and saved in checkpoints (`objective`), never in the exported student
     objective.bind(student, teachers or teacher, data)
     objective.to(device)
-    if cfg.trainer.channels_last and len(data.input_shape) == 3:
+    if runs_channels_last(cfg, data):
         # NHWC lets oneDNN/cuDNN pick faster conv kernels (measured in benchmarks/); the
         # objective's conv heads see the same NHWC maps
         for model in (student, teacher, *teachers, objective):

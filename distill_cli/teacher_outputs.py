@@ -22,7 +22,7 @@ import torch
 
 from omegaconf import OmegaConf
 
-from .build import model_node
+from .build import model_node, runs_channels_last
 from .checkpoint import atomic_write_bytes
 from .data import InMemorySplit
 from .data.mixing import MixSpec, training_batches
@@ -198,7 +198,7 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
     if teacher_info.get("teacher/head") == "ncm":   # a pool's other-task teacher (teacher_pool)
         teacher_id["head"] = "ncm"
     teacher_id["precision"] = str(cfg.trainer.precision)
-    if cfg.trainer.channels_last and len(data.input_shape) == 3:
+    if runs_channels_last(cfg, data):
         # a channels_last teacher runs other kernels (other last bits): its own tables. Within
         # one format, stored == live (the input's format does not change the conv's here).
         teacher_id["memory_format"] = "channels_last"
