@@ -133,7 +133,8 @@ def teachers_main(argv: list[str] | None = None) -> None:
             table, entries, leftovers = list_stored(root)
             make_console().print(table)
             print(f"{len(entries)} teacher(s); {len(leftovers)} unfinished build(s)"
-                  + (" (remove with `distill-teachers prune`)" if leftovers else ""))
+                  + (" (the next run that needs one continues it; `distill-teachers prune` "
+                     "removes them)" if leftovers else ""))
         else:
             removed = prune_stored(root, args.keys, args.all)
             print("removed: " + (", ".join(removed) if removed else "nothing"))

@@ -122,9 +122,10 @@ def optimizer_and_schedule(opt_node, sched_node, params: list, steps_per_epoch: 
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = None,
-        data=None) -> dict:
+        data=None, resume_hint: str | None = None) -> dict:
     """Train one run into `run_dir` (default: Hydra's output dir); `data` reuses a loaded
-    DataBundle (the teacher store trains teachers on the student's data)."""
+    DataBundle (the teacher store trains teachers on the student's data); `resume_hint` is
+    what an interrupted run tells the user to do (default: the command that resumes it)."""
     if OmegaConf.select(cfg, "self_distill.generations", default=0):
         from .self_distill import run_generations  # one run() per generation (self_distill.py)
         return run_generations(cfg, run_dir, tty, data)
@@ -230,9 +231,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             write_json(run_dir / "summary.json", summary)
             signum = engine.stop.signum
             exit_code = 128 + signum if signum else 3
-            reporter.stage(f"interrupted at step {engine.state.step}; last.pt written. Resume: "
-                           f"distill {' '.join(overrides)} hydra.run.dir={run_dir} "
-                           "trainer.resume=auto")
+            reporter.stage(f"interrupted at step {engine.state.step}; last.pt written. " + (
+                resume_hint or f"Resume: distill {' '.join(overrides)} hydra.run.dir={run_dir} "
+                "trainer.resume=auto"))
             raise RunInterrupted(exit_code, run_dir)
         summary.update(final_evaluation(engine, run_dir, mia, pgd))
         if outputs is not None:

@@ -1,9 +1,10 @@
 """A content-addressed on-disk store with locking and atomic publication.
 
 Layout: `<root>/<kind>/<key>/` is a complete entry (it holds `entry.json`, written last, before
-the directory is renamed into place); `<root>/<kind>/.tmp-<key>-*` are entries being built;
+the directory is renamed into place); `<root>/<kind>/.tmp-<key>` is the entry being built;
 `<root>/<kind>/<key>.lock` serialises builders. Readers never see a half-built entry: a build
-that crashes leaves only a `.tmp-` directory, which `prune` removes.
+that stops early leaves only its `.tmp-` directory, which the next build of the key may continue
+(teachers.py) and `prune` removes.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -62,8 +62,14 @@ class Store:
             lock.release()
 
     def staging(self, key: str) -> Path:
-        path = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.dir))
-        path.chmod(0o755)  # mkdtemp's 0700 would hide the entry from other users
+        """The build directory of `key`, kept when a build stops early so that the next build
+        can continue it. Call with the key's lock held: no other build of the key is alive."""
+        # earlier versions left one dir per attempt: dead builds, as the lock is ours
+        for dead in self.dir.glob(f".tmp-{key}-*"):
+            shutil.rmtree(dead, ignore_errors=True)
+        path = self.dir / f".tmp-{key}"
+        path.mkdir(exist_ok=True)
+        path.chmod(0o755)
         return path
 
     def publish(self, key: str, staging: Path, meta: dict) -> dict:

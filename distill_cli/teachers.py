@@ -7,6 +7,7 @@ gradients, never in the optimizer.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from .build import TEACHER_SOURCE_KEYS, build_model, model_node
 from .data.bundle import derive_seed
 from .errors import UserError
 from .models.fold import fold_batchnorm
+from .runs import LAST, check_same_run
 from .store import Store, content_key
+from .tracking import read_json
 
 STORE_FORMAT = 1  # bump when the meaning of a stored teacher changes
 
@@ -113,13 +116,16 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
     c["student"] = {k: v for k, v in teacher.items() if k not in TEACHER_SOURCE_KEYS}
     c["teacher"] = {**{k: teacher[k] for k in TEACHER_SOURCE_KEYS if k in teacher},
                     "_target_": None, "arch": None, "checkpoint": None}
+    # data order and augmentation follow the teacher's seed too: with the student's `data_seed`
+    # the stored teacher would depend on which job of a sweep happened to build it
     c.update(loss=train["loss"], optimizer=train["optimizer"], scheduler=train["scheduler"],
-             seed=teacher["seed"],
+             seed=teacher["seed"], data_seed=teacher["seed"],
              logger={"_target_": "distill_cli.tracking.NullLogger", "_partial_": True},
              teachers=[], self_distill={**c.get("self_distill", {}), "generations": 0})
-    # the student's memory format is a speed choice of ITS run; the teacher's is teacher.train's
+    # the student's memory format is a speed choice of ITS run; the teacher's is teacher.train's.
+    # Gradient clipping is part of the student's recipe, which never reaches the teacher.
     c["trainer"].update(epochs=train["epochs"], batch_size=train["batch_size"], resume=None,
-                        stop_at_step=None, checkpoint_every_n_steps=None,
+                        stop_at_step=None, checkpoint_every_n_steps=None, grad_clip=None,
                         channels_last=bool(train.get("channels_last", False)))
     c["augment"] = {"mix": {}}  # the student's mixing is a distillation choice, not the teacher's
     # likewise label-free student training (data/unlabeled.py): a teacher learns from the labels
@@ -150,21 +156,80 @@ def from_store(cfg: DictConfig, data, device, reporter, tty) -> tuple[nn.Module,
 
 
 def _train_into_store(cfg, data, store: Store, key: str, desc: dict, reporter, tty) -> dict:
+    """Train the teacher `key` in its build dir and publish it. A build that stopped early
+    (Ctrl-C, SIGTERM, a crash after an epoch) is continued from its last.pt, exactly."""
     from .launcher import run  # the same runner trains the teacher
 
     staging = store.staging(key)
-    reporter.stage(f"teacher {cfg.teacher.arch}: not in the store — training it first "
-                   f"({cfg.teacher.train.epochs} epochs, key {key}, in {staging})")
-    summary = run(teacher_run_config(cfg), staging / "run", tty=tty, data=data)
     run_dir = staging / "run"
+    # a finished run whose publication did not happen (the files may be half moved): publish
+    summary = read_json(run_dir / "summary.json") or read_json(staging / "summary.json") or {}
+    if summary.get("status") != "finished":
+        tcfg = teacher_run_config(cfg)
+        tcfg.trainer.resume = _continue_build(tcfg, staging, key, reporter)
+        if tcfg.trainer.resume is None:
+            reporter.stage(f"teacher {cfg.teacher.arch}: not in the store — training it first "
+                           f"({cfg.teacher.train.epochs} epochs, key {key}, in {staging})")
+        hint = ("Run the same command again: the teacher build continues from this checkpoint "
+                f"({run_dir / LAST}); `distill-teachers prune` discards it")
+        try:
+            summary = run(tcfg, run_dir, tty=tty, data=data, resume_hint=hint)
+        except BaseException as exc:  # an interrupted run always leaves its last.pt
+            if not (run_dir / LAST).is_file():  # nothing worth continuing
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, UserError):
+                raise _in_teacher_terms(exc) from None
+            raise
     for name in ("checkpoints", "summary.json", "metrics.jsonl"):
-        (run_dir / name).rename(staging / name)
-    run_dir.rmdir()
+        if (run_dir / name).exists():
+            (run_dir / name).rename(staging / name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # whatever else a run leaves is not the entry
     meta = {"arch": desc["model"]["arch"], "model": desc["model"], "dataset": data.name,
             "description": desc, "test_acc1": summary["best/test/acc1"],
             "val_acc1": summary["best/val/acc1"], "wall_s": summary["wall_s"],
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "git": summary["git"]}
     return store.publish(key, staging, meta)
+
+
+# where teacher_run_config took the teacher run's keys from: the keys the user can change
+_TEACHER_KEYS = {"optimizer.": "teacher.train.optimizer.", "scheduler.": "teacher.train.scheduler.",
+                 "loss.": "teacher.train.loss.", "trainer.epochs": "teacher.train.epochs",
+                 "trainer.batch_size": "teacher.train.batch_size"}
+
+
+def _in_teacher_terms(err: UserError) -> UserError:
+    """The teacher run's error about e.g. `optimizer.lr`, told as the user's
+    `teacher.train.optimizer.lr`."""
+    for theirs, ours in _TEACHER_KEYS.items():
+        if (err.key or "").startswith(theirs):
+            key = ours + err.key[len(theirs):]
+            return UserError(err.what.replace(err.key, key), key, err.fix.replace(err.key, key))
+    return err
+
+
+def _continue_build(tcfg: DictConfig, staging: Path, key: str, reporter) -> str | None:
+    """"auto" when `staging` holds an unfinished build of this very run to continue; else None,
+    with `staging` emptied (a build that stopped before its first checkpoint, or one whose
+    settings outside the key differ: continuing it would mix two recipes)."""
+    last = staging / "run" / LAST
+    why = None
+    if last.is_file():
+        try:
+            ckpt = checkpoint.load(last, "teacher store")
+            check_same_run(tcfg, ckpt)
+        except UserError as err:
+            why = err.what
+        else:
+            state = ckpt["state"]
+            reporter.stage(f"teacher {tcfg.student.arch}: continuing its unfinished build "
+                           f"(key {key}) at epoch {state['epoch'] + 1}, step {state['step']}")
+            return "auto"
+    if why is not None:
+        reporter.stage(f"teacher {tcfg.student.arch}: its unfinished build cannot be continued "
+                       f"({why}); starting over")
+    shutil.rmtree(staging)
+    staging.mkdir()
+    return None
 
 
 def check_teachers(cfg: DictConfig, objective) -> None:

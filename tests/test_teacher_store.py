@@ -1,6 +1,7 @@
 """The teacher store: content keys, train-once reuse, concurrent jobs, crashes, list/prune."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from distill_cli import build
+from distill_cli.errors import UserError
 from distill_cli.launcher import run
 from distill_cli.store import Store, content_key
 from distill_cli.teachers import teacher_description
@@ -59,6 +62,8 @@ def test_the_teacher_trains_in_its_own_memory_format_not_the_students():
     from distill_cli.teachers import teacher_run_config
     student_nhwc = teacher_run_config(make_cfg(KD + ["trainer.channels_last=true"]))
     assert student_nhwc.trainer.channels_last is False
+    # nor does the student's gradient clipping (not part of the teacher's key either)
+    assert teacher_run_config(make_cfg(KD + ["trainer.grad_clip=1.0"])).trainer.grad_clip is None
     teacher_nhwc = teacher_run_config(make_cfg(KD + ["teacher.train.channels_last=true"]))
     assert teacher_nhwc.trainer.channels_last is True
 
@@ -142,3 +147,118 @@ def test_list_and_prune_entries(tmp_path, home):
     subprocess.run([str(BIN / "distill-teachers"), "--root", str(home), "prune", key],
                    check=True, capture_output=True)
     assert Store(home, "teachers").entries() == []
+
+
+def _stored(home, key):
+    entry = Store(home, "teachers").path(key)
+    weights = {n: torch.load(entry / "checkpoints" / n, weights_only=True)["model"]
+               for n in ("best.pt", "last.pt")}
+    rows = [{k: v for k, v in json.loads(line).items() if "images_per_s" not in k}
+            for line in (entry / "metrics.jsonl").read_text().splitlines()]
+    return weights, rows
+
+
+def _same_weights(a, b):
+    return all(a[n].keys() == b[n].keys() and all(torch.equal(a[n][k], b[n][k]) for k in a[n])
+               for n in a)
+
+
+def test_the_teacher_follows_its_own_seed_not_the_job_that_built_it(tmp_path, monkeypatch):
+    """Which job of a `seed=0,1,2` sweep happens to build the teacher must not matter: its data
+    order comes from `teacher.seed`, as its initialisation does."""
+    from distill_cli.teachers import teacher_run_config
+    assert teacher_run_config(make_cfg(KD + ["seed=3", "data_seed=5"])).data_seed == 0
+    assert teacher_run_config(make_cfg(KD + ["teacher.seed=2"])).data_seed == 2
+    built = []
+    for seed in (0, 1):
+        monkeypatch.setenv("DISTILL_HOME", str(tmp_path / f"home{seed}"))
+        s = run(make_cfg(KD + [f"seed={seed}", "trainer.epochs=1"]), tmp_path / f"job{seed}",
+                tty=False)
+        assert s["teacher/store_hit"] is False
+        built.append(_stored(tmp_path / f"home{seed}", s["teacher/key"]))
+    assert _same_weights(built[0][0], built[1][0]) and built[0][1] == built[1][1]
+
+
+def test_an_interrupted_teacher_build_is_continued_bit_exactly(tmp_path, monkeypatch, digits,
+                                                                capsys):
+    """The state a stopped build leaves (its run's last.pt, mid-epoch) is continued by the next
+    run that needs the teacher, and the published teacher equals an uninterrupted build."""
+    from distill_cli.launcher import RunInterrupted
+    from distill_cli.teachers import teacher_run_config
+    home = tmp_path / "home"
+    monkeypatch.setenv("DISTILL_HOME", str(home))
+    cfg = make_cfg(KD + ["trainer.epochs=1"])
+    key = key_of(["trainer.epochs=1"], digits)
+    store = Store(home, "teachers")
+    old_attempt = store.dir / f".tmp-{key}-abc123"  # as earlier versions left them: dead
+    old_attempt.mkdir(parents=True)
+    staging = store.staging(key)
+    stopped = teacher_run_config(cfg)
+    stopped.trainer.stop_at_step = 7
+    with pytest.raises(RunInterrupted):
+        run(stopped, staging / "run", tty=False)
+    assert not old_attempt.exists() and store.leftovers() == [staging]
+    capsys.readouterr()
+
+    summary = run(cfg, tmp_path / "student", tty=False)
+    out = capsys.readouterr().out
+    assert "continuing its unfinished build" in out and "epoch 1, step 7" in out
+    assert "training it first" not in out
+    assert summary["teacher/key"] == key and summary["teacher/store_hit"] is False
+    assert store.leftovers() == [] and [m["key"] for m in store.entries()] == [key]
+
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "ref"))
+    run(cfg, tmp_path / "ref_student", tty=False)
+    (w, rows), (ref_w, ref_rows) = _stored(home, key), _stored(tmp_path / "ref", key)
+    assert _same_weights(w, ref_w) and rows == ref_rows
+
+
+def test_a_build_with_other_settings_outside_the_key_starts_over(tmp_path, monkeypatch, digits,
+                                                                  capsys):
+    """Continuing a build whose recipe differs beyond the key would mix two trainings."""
+    from distill_cli.launcher import RunInterrupted
+    from distill_cli.teachers import teacher_run_config
+    home = tmp_path / "home"
+    monkeypatch.setenv("DISTILL_HOME", str(home))
+    cfg = make_cfg(KD + ["trainer.epochs=1"])
+    staging = Store(home, "teachers").staging(key_of(["trainer.epochs=1"], digits))
+    other = teacher_run_config(cfg)
+    other.trainer.stop_at_step, other.trainer.grad_clip = 3, 123.0  # not part of the key
+    with pytest.raises(RunInterrupted):
+        run(other, staging / "run", tty=False)
+    capsys.readouterr()
+    run(cfg, tmp_path / "student", tty=False)
+    out = capsys.readouterr().out
+    assert "cannot be continued" in out and "trainer.grad_clip" in out
+    assert "training it first" in out
+
+
+def test_a_teacher_recipe_error_names_the_teacher_key_and_leaves_no_build(tmp_path, home):
+    with pytest.raises(UserError) as err:
+        run(make_cfg(KD + ["teacher.train.optimizer.lr=-1"]), tmp_path / "a", tty=False)
+    assert err.value.key == "teacher.train.optimizer.lr"
+    assert "teacher.train.optimizer.lr=0.05" in str(err.value)
+    assert Store(home, "teachers").leftovers() == []
+
+
+def test_ctrl_c_during_a_teacher_build_keeps_it_for_the_next_run(tmp_path, home):
+    slow = ["dataset=fake", "dataset.train_size=20000", "dataset.shape=[1,16,16]",
+            "logger=none", "teacher=mlp", "student=mlp", "loss=kd",
+            "teacher.train.epochs=50", "trainer.batch_size=32"]
+    job = _distill(slow, home, tmp_path)
+    store_dir = home / "teachers"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(store_dir.glob(".tmp-*/run/summary.json")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    job.send_signal(signal.SIGINT)
+    out = job.communicate(timeout=120)[0]
+    assert job.returncode == 128 + signal.SIGINT, out
+    assert "Run the same command again" in out and "trainer.resume=auto" not in out
+    store = Store(home, "teachers")
+    [build] = store.leftovers()
+    assert (build / "run" / "checkpoints" / "last.pt").is_file()
+    assert json.loads((build / "run" / "summary.json").read_text())["status"] == "interrupted"
+    listing = subprocess.run([str(BIN / "distill-teachers"), "--root", str(home), "list"],
+                             capture_output=True, text=True)
+    assert "1 unfinished build(s) (the next run that needs one continues it" in listing.stdout
