@@ -208,25 +208,22 @@ def _in_teacher_terms(err: UserError) -> UserError:
 
 
 def _continue_build(tcfg: DictConfig, staging: Path, key: str, reporter) -> str | None:
-    """"auto" when `staging` holds an unfinished build of this very run to continue; else None,
-    with `staging` emptied (a build that stopped before its first checkpoint, or one whose
-    settings outside the key differ: continuing it would mix two recipes)."""
+    """Return "auto" when `staging` holds an unfinished build of this very run to continue;
+    else None, with `staging` emptied (a build that stopped before its first checkpoint, or one
+    whose settings outside the key differ: continuing it would mix two recipes)."""
     last = staging / "run" / LAST
-    why = None
     if last.is_file():
         try:
             ckpt = checkpoint.load(last, "teacher store")
             check_same_run(tcfg, ckpt)
         except UserError as err:
-            why = err.what
+            reporter.stage(f"teacher {tcfg.student.arch}: its unfinished build cannot be "
+                           f"continued ({err.what}); starting over")
         else:
             state = ckpt["state"]
             reporter.stage(f"teacher {tcfg.student.arch}: continuing its unfinished build "
                            f"(key {key}) at epoch {state['epoch'] + 1}, step {state['step']}")
             return "auto"
-    if why is not None:
-        reporter.stage(f"teacher {tcfg.student.arch}: its unfinished build cannot be continued "
-                       f"({why}); starting over")
     shutil.rmtree(staging)
     staging.mkdir()
     return None

@@ -108,16 +108,24 @@ def test_concurrent_jobs_train_the_teacher_once(tmp_path, home):
     assert len(Store(home, "teachers").entries()) == 1
 
 
-def test_crashed_teacher_training_leaves_no_valid_entry(tmp_path, home):
-    slow = ["dataset=fake", "dataset.train_size=20000", "dataset.shape=[1,16,16]",
-            "logger=none", "teacher=mlp", "student=mlp", "loss=kd",
-            "teacher.train.epochs=50", "trainer.batch_size=32"]
-    job = _distill(slow, home, tmp_path)
-    store_dir = home / "teachers"
+# a teacher build that takes minutes: long enough to be stopped or killed in the middle
+SLOW = ["dataset=fake", "dataset.train_size=20000", "dataset.shape=[1,16,16]", "logger=none",
+        "teacher=mlp", "student=mlp", "loss=kd", "teacher.train.epochs=50",
+        "trainer.batch_size=32"]
+
+
+def _slow_build_underway(home, tmp_path) -> subprocess.Popen:
+    """`distill` training the SLOW teacher into the store, a second into its first epoch."""
+    job = _distill(SLOW, home, tmp_path)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(store_dir.glob(".tmp-*/run/summary.json")):
+    while time.time() < deadline and not list((home / "teachers").glob(".tmp-*/run/summary.json")):
         time.sleep(0.2)
     time.sleep(1.0)
+    return job
+
+
+def test_crashed_teacher_training_leaves_no_valid_entry(tmp_path, home):
+    job = _slow_build_underway(home, tmp_path)
     job.send_signal(signal.SIGKILL)  # a crash: no handler runs
     job.wait(timeout=60)
     store = Store(home, "teachers")
@@ -126,7 +134,7 @@ def test_crashed_teacher_training_leaves_no_valid_entry(tmp_path, home):
                              capture_output=True, text=True)
     assert "0 teacher(s); 1 unfinished build(s)" in listing.stdout
     # the next run does not trust the leftover: it trains a complete teacher (shortened here)
-    summary = run(make_cfg(slow + ["teacher.train.epochs=1", "trainer.epochs=1",
+    summary = run(make_cfg(SLOW + ["teacher.train.epochs=1", "trainer.epochs=1",
                                    "dataset.train_size=2000"]), tmp_path / "next", tty=False)
     assert summary["teacher/store_hit"] is False and len(store.entries()) == 1
     pruned = subprocess.run([str(BIN / "distill-teachers"), "--root", str(home), "prune"],
@@ -242,15 +250,7 @@ def test_a_teacher_recipe_error_names_the_teacher_key_and_leaves_no_build(tmp_pa
 
 
 def test_ctrl_c_during_a_teacher_build_keeps_it_for_the_next_run(tmp_path, home):
-    slow = ["dataset=fake", "dataset.train_size=20000", "dataset.shape=[1,16,16]",
-            "logger=none", "teacher=mlp", "student=mlp", "loss=kd",
-            "teacher.train.epochs=50", "trainer.batch_size=32"]
-    job = _distill(slow, home, tmp_path)
-    store_dir = home / "teachers"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(store_dir.glob(".tmp-*/run/summary.json")):
-        time.sleep(0.2)
-    time.sleep(1.0)
+    job = _slow_build_underway(home, tmp_path)
     job.send_signal(signal.SIGINT)
     out = job.communicate(timeout=120)[0]
     assert job.returncode == 128 + signal.SIGINT, out
