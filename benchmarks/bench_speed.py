@@ -34,9 +34,9 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from distill_cli import build, checkpoint  # noqa: E402
-from distill_cli.cli import CONF_DIR  # noqa: E402
+from distill_cli.config.paths import CONF_DIR  # noqa: E402
 from distill_cli.data.bundle import epoch_order  # noqa: E402
-from distill_cli.launcher import run  # noqa: E402
+from distill_cli.training.run import run  # noqa: E402
 from distill_cli.models.fold import fold_batchnorm  # noqa: E402
 
 TEACHER = ["teacher=cnn", "teacher.convs_per_stage=1"]

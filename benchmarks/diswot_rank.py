@@ -8,7 +8,7 @@ penultimate width 128 — every candidate below ends at width 128, so both D_sem
    schedule (`--epochs`, default 2), from the stored trained teacher;
 2. a second, training-free pass scores them against the TRAINED teacher weights
    (`search.teacher_weights=trained`; the paper's protocol re-initialises the teacher too);
-3. Spearman's rank correlation (distill_cli.diswot.spearman: float64, ties averaged) between
+3. Spearman's rank correlation (distill_cli.evaluation.diswot.spearman: float64, ties averaged) between
    the KD test accuracy and each score, each term alone, and the param/MAC counts as the
    naive baselines; written to benchmarks/results/diswot_rank.md.
 
@@ -37,9 +37,9 @@ from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from distill_cli.cli import CONF_DIR  # noqa: E402
-from distill_cli.diswot import spearman  # noqa: E402
-from distill_cli.search import search  # noqa: E402
+from distill_cli.config.paths import CONF_DIR  # noqa: E402
+from distill_cli.evaluation.diswot import spearman  # noqa: E402
+from distill_cli.search.student_search import search  # noqa: E402
 
 # Every candidate's last stage has 128 channels = the teacher's penultimate width.
 CANDIDATES = [

@@ -4,13 +4,11 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-# conf/ sits beside the package in the checkout (editable install); see README.
-from .build import CONF_DIR  # noqa: E402  (re-exported: tests and benchmarks compose from it)
+from distill_cli.config.paths import CONF_DIR
 
 _task_started = False
 
@@ -19,8 +17,8 @@ def _run_task(task, cfg: DictConfig) -> None:
     """Run a Hydra task; user errors exit 2 with one paragraph, interruptions with their code."""
     global _task_started
     _task_started = True
-    from .errors import UserError, exit_with
-    from .launcher import RunInterrupted
+    from distill_cli.errors import UserError, exit_with
+    from distill_cli.training.run import RunInterrupted
 
     try:
         task(cfg)
@@ -32,13 +30,13 @@ def _run_task(task, cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _distill(cfg: DictConfig) -> None:
-    from .launcher import run
+    from distill_cli.training.run import run
     _run_task(run, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")
 def _search(cfg: DictConfig) -> None:
-    from .search import search
+    from distill_cli.search.student_search import search
     _run_task(search, cfg)
 
 
@@ -85,8 +83,8 @@ def report_main(argv: list[str] | None = None) -> None:
     argparse, not Hydra: it reads finished runs and has no config of its own."""
     import argparse
 
-    from .errors import UserError
-    from .report import FORMATS, MAIN_METRIC, report
+    from distill_cli.errors import UserError
+    from distill_cli.reporting.report import FORMATS, MAIN_METRIC, report
 
     parser = argparse.ArgumentParser(
         prog="distill-report", description="Pool seeds per configuration: mean ± std, gain "
@@ -111,10 +109,10 @@ def teachers_main(argv: list[str] | None = None) -> None:
     """`distill-teachers list|prune`: inspect or clean the teacher store."""
     import argparse
 
-    from .errors import UserError
-    from .store import default_root
-    from .tracking import make_console
-    from .teachers import list_stored, prune_stored
+    from distill_cli.errors import UserError
+    from distill_cli.teachers.store import default_root
+    from distill_cli.reporting.tracking import make_console
+    from distill_cli.teachers.resolve import list_stored, prune_stored
 
     parser = argparse.ArgumentParser(prog="distill-teachers",
                                      description="The teacher store: teachers trained once and "

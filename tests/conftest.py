@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from distill_cli.cli import CONF_DIR
+from distill_cli.config.paths import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def cfg_factory():
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory) -> Path:
     """A resnet8 teacher trained on digits once per session; returns its best.pt."""
-    from distill_cli.launcher import run
+    from distill_cli.training.run import run
 
     run_dir = tmp_path_factory.mktemp("teacher") / "run"
     run(make_cfg(DIGITS + ["student=resnet8", "loss=ce", "trainer.epochs=4"]), run_dir,

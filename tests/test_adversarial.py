@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_cli.adversarial import (NormalizedModel, as_number, pgd, pgd_settings,
+from distill_cli.evaluation.adversarial import (NormalizedModel, as_number, pgd, pgd_settings,
                                      pixel_stats, robust_accuracy)
-from distill_cli.build import build_data, build_model, build_objective
-from distill_cli.engine import predict, score
+from distill_cli.config.build import build_data, build_model, build_objective
+from distill_cli.training.engine import predict, score
 from distill_cli.errors import UserError
-from distill_cli.launcher import run
+from distill_cli.training.run import run
 from distill_cli.losses.adv_ce import AdversarialCE
 from distill_cli.losses.base import Objective
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill_cli.build import build_data, build_objective
+from distill_cli.config.build import build_data, build_objective
 from distill_cli.errors import UserError
-from distill_cli.launcher import RunInterrupted, run
+from distill_cli.training.run import RunInterrupted, run
 from distill_cli.losses.bdkd import BDKD, mix_weight
-from distill_cli.teachers import online_teacher
+from distill_cli.teachers.resolve import online_teacher
 
 from conftest import DIGITS, make_cfg
 

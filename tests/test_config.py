@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill_cli import build
-from distill_cli.cli import CONF_DIR
+from distill_cli.config import build
+from distill_cli.config.paths import CONF_DIR
 from distill_cli.errors import UserError
 from distill_cli.losses.base import Objective, StepContext
 from distill_cli.models import create

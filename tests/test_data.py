@@ -14,16 +14,17 @@ import numpy as np
 import pytest
 import torch
 
+from distill_cli.config.paths import CONF_DIR
 from distill_cli.data import (BUILDERS, Batch, DataBundle, InMemorySplit, LoaderSplit,
                               build_dataset, derive_seed, epoch_order)
 from distill_cli.data import augment as A
 from distill_cli.data import fashion_mnist as fm
-from distill_cli.data import fetch
+from distill_cli.data import fetch, sources
 from distill_cli.data.bundle import augment_generator
 from distill_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf" / "dataset"
+CONF = Path(CONF_DIR) / "dataset"
 
 
 def _batches(split, bs, seed, epoch, start=0):
@@ -496,7 +497,7 @@ def test_download_against_a_black_hole_fails_fast(tmp_path, monkeypatch):
 def test_download_without_network_is_a_quick_user_error(tmp_path):
     from torchvision.datasets import SVHN
 
-    if fetch.check_reachable([SVHN.split_list["train"][0]], timeout=3) is None:
+    if sources.check_reachable([SVHN.split_list["train"][0]], timeout=3) is None:
         pytest.skip("network reachable: not downloading SVHN in a unit test")
     t = time.monotonic()
     with pytest.raises(UserError) as e:
@@ -538,4 +539,4 @@ def test_hydra_instantiate_fake_config(monkeypatch, tmp_path):
     cfg.train_size, cfg.test_size = 60, 20
     b = instantiate(cfg)
     assert b.name == "fake" and len(b.train) == 54 and b.input_shape == (3, 32, 32)
-    assert fetch.resolve_root(None) == tmp_path
+    assert sources.resolve_root(None) == tmp_path

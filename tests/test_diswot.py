@@ -12,16 +12,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from distill_cli.build import build_data, build_model, build_objective
-from distill_cli.cli import CONF_DIR
-from distill_cli.diswot import (average_ranks, diswot_score, gaussian_init_, init_seed, probe,
+from distill_cli.config.build import build_data, build_model, build_objective
+from distill_cli.config.paths import CONF_DIR
+from distill_cli.evaluation.diswot import (average_ranks, diswot_score, gaussian_init_, init_seed, probe,
                                 relation_distance, scoring_copy, semantic_distance, spearman)
 from distill_cli.errors import UserError
-from distill_cli.launcher import RunInterrupted, run
+from distill_cli.training.run import RunInterrupted, run
 from distill_cli.losses.diswot import DisWOTDistill, fc_gradient
 from distill_cli.models import create
 from distill_cli.models.cost import count_macs, count_params
-from distill_cli.search import search
+from distill_cli.search.student_search import search
 
 from conftest import DIGITS, make_cfg
 

@@ -13,9 +13,9 @@ import torch
 from conftest import DIGITS, make_cfg
 from torch import nn
 
-from distill_cli.build import build_objective
+from distill_cli.config.build import build_objective
 from distill_cli.errors import UserError
-from distill_cli.launcher import RunInterrupted, run
+from distill_cli.training.run import RunInterrupted, run
 from distill_cli.losses.at import AT
 from distill_cli.losses.crd import CRD
 from distill_cli.losses.fitnet import FitNet, HintRegressor, as_map

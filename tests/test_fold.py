@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill_cli.launcher import run
+from distill_cli.training.run import run
 from distill_cli.models import FeatureTaps, create
 from distill_cli.models.fold import fold_batchnorm
 
@@ -108,8 +108,8 @@ def test_a_frozen_teacher_is_folded_and_still_scores_the_same(tmp_path, digits_t
     assert summary["teacher/bn_folded"] == 9
     unfolded = create("resnet8", 10, 1, (8, 8))
     unfolded.load_state_dict(torch.load(digits_teacher, weights_only=True)["model"])
-    from distill_cli.build import build_data
-    from distill_cli.engine import predict, score
+    from distill_cli.config.build import build_data
+    from distill_cli.training.engine import predict, score
     data = build_data(make_cfg(DIGITS).dataset)
     t = score(*predict(unfolded.eval(), data.test, 256, torch.device("cpu"), "32"))
     assert summary["teacher/test/acc1"] == t["acc1"]    # folding changed no prediction

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from distill_cli.launcher import RunInterrupted, run
+from distill_cli.training.run import RunInterrupted, run
 
 from conftest import DIGITS, make_cfg
 

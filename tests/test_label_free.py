@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill_cli.build import build_data
+from distill_cli.config.build import build_data
 from distill_cli.data import unlabeled
 from distill_cli.errors import UserError
-from distill_cli.launcher import run
+from distill_cli.training.run import run
 
 from conftest import DIGITS, make_cfg
 

@@ -10,12 +10,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from distill_cli.config.paths import CONF_DIR
 from distill_cli.errors import UserError
 from distill_cli.losses import DKD, KD, CrossEntropy, Objective, StepContext
 from distill_cli.losses.dkd import dkd_terms
 from distill_cli.losses.kd import kd_kl
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "loss"
+CONF = Path(CONF_DIR) / "loss"
 
 
 # ---------------------------------------------------------------- NumPy references (float64)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from distill_cli.build import build_objective
+from distill_cli.config.paths import CONF_DIR
+from distill_cli.config.build import build_objective
 from distill_cli.errors import UserError
 from distill_cli.losses.base import Objective, StepContext
 from distill_cli.losses.dist import DIST
@@ -22,7 +23,7 @@ from distill_cli.losses.pld import PLD, plackett_luce_loss, pld_permutation
 from distill_cli.losses.ssld import SSLD
 from distill_cli.losses.taid import TAID
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "loss"
+CONF = Path(CONF_DIR) / "loss"
 
 
 # ---------------------------------------------------------------- NumPy references (float64)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill_cli.metrics import ClassificationMeter
+from distill_cli.evaluation.metrics import ClassificationMeter
 
 
 def np_ece(probs, y, bins=15):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from distill_cli.errors import UserError
-from distill_cli.launcher import run
+from distill_cli.training.run import run
 
 from conftest import DIGITS, make_cfg
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from distill_cli.data.bundle import derive_seed
+from distill_cli.seeding import derive_seed
 from distill_cli.data.mixing import (MixSpec, PartialSpec, mix_batch, mix_generator,
                                      sample_beta)
 from distill_cli.errors import UserError

@@ -8,11 +8,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from distill_cli.config.paths import CONF_DIR
 from distill_cli.errors import UserError
 from distill_cli.models import ARCHS, FeatureTaps, create
 from distill_cli.models.cost import count_params as n_params
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "student"
+CONF = Path(CONF_DIR) / "student"
 TOKEN_ARCHS = {"vit_tiny", "mixer"}  # stages are [B, N, D] tokens: tests/test_models_hetero.py
 IMAGE_ARCHS = sorted(a for a, b in ARCHS.items()
                      if b.input_dims == 2 and a != "tv" and a not in TOKEN_ARCHS)

@@ -18,9 +18,9 @@ from conftest import DIGITS, make_cfg
 from scipy.special import erf
 from torch import nn
 
-from distill_cli import build
+from distill_cli.config import build
 from distill_cli.errors import UserError
-from distill_cli.launcher import run
+from distill_cli.training.run import run
 from distill_cli.losses.features import pooled
 from distill_cli.models import ARCHS, FeatureTaps, create
 from distill_cli.models.cost import count_params as n_params

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill_cli.adversarial import NormalizedModel, pgd
-from distill_cli.build import build_data, build_model, build_objective
+from distill_cli.evaluation.adversarial import NormalizedModel, pgd
+from distill_cli.config.build import build_data, build_model, build_objective
 from distill_cli.errors import UserError
-from distill_cli.launcher import RunInterrupted, run
+from distill_cli.training.run import RunInterrupted, run
 from distill_cli.losses.base import StepContext
 from distill_cli.losses.mtard import MTARD
 

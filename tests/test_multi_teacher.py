@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill_cli.errors import UserError
-from distill_cli.launcher import run
+from distill_cli.training.run import run
 from distill_cli.losses.kd import KD
 from distill_cli.losses.multi_teacher import MultiTeacher
 from distill_cli.models import create
@@ -165,10 +165,10 @@ def test_stored_pool_outputs_end_with_the_live_runs_weights(tmp_path, digits_tea
 def test_a_pool_entry_is_the_same_stored_teacher_as_the_teacher_group():
     """`{arch: cnn}` in `teachers` gets the zoo's defaults for cnn (e.g. dropout), so the teacher
     store key equals `teacher=cnn`'s: a pool reuses the teachers single-teacher runs trained."""
-    from distill_cli.build import build_data
-    from distill_cli.store import content_key
-    from distill_cli.teacher_pool import entry_config
-    from distill_cli.teachers import teacher_description
+    from distill_cli.config.build import build_data
+    from distill_cli.teachers.store import content_key
+    from distill_cli.teachers.pool import entry_config
+    from distill_cli.teachers.resolve import teacher_description
 
     single = make_cfg(DIGITS + ["teacher=cnn", "loss=kd", "teacher.seed=3"])
     pool = make_cfg(MT + ["teachers=[{arch: cnn, seed: 3}, {arch: cnn, seed: 4, dropout: 0.1}]"])

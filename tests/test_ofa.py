@@ -17,7 +17,7 @@ from torch import nn
 
 from distill_cli.data import Batch
 from distill_cli.errors import UserError
-from distill_cli.launcher import RunInterrupted, run
+from distill_cli.training.run import RunInterrupted, run
 from distill_cli.losses.ofa import OFA, PatchMerging, SepConv, ofa_loss
 from distill_cli.models import ARCHS, create
 

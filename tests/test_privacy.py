@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from distill_cli.data.bundle import InMemorySplit
-from distill_cli.privacy import (loss_threshold_advantage, loss_threshold_auc, membership_auc,
+from distill_cli.evaluation.privacy import (loss_threshold_advantage, loss_threshold_auc, membership_auc,
                                  per_sample_losses)
 
 NC, L = 10, 16

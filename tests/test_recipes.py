@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill_cli import build
+from distill_cli.config import build
+from distill_cli.config.paths import CONF_DIR
 from distill_cli.data.fake import build as fake_data
 from distill_cli.losses.base import Objective
-from distill_cli.teacher_pool import entry_config
+from distill_cli.teachers.pool import entry_config
 
-from conftest import REPO, make_cfg
+from conftest import make_cfg
 
-RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (Path(CONF_DIR) / "recipe").glob("*.yaml"))
 # synthetic stand-ins of the recipes' datasets (same shape and classes), except MNIST-1D which
 # is generated locally anyway
 SHAPES = {"cifar.build_cifar100": ([3, 32, 32], 100), "imagefolder.build": ([3, 224, 224], 1000),
@@ -30,7 +33,7 @@ def test_the_promised_recipes_exist():
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes_and_builds(recipe):
     cfg = make_cfg([f"recipe={recipe}"])
-    text = (REPO / "recipes" / f"{recipe}.yaml").read_text()
+    text = (Path(CONF_DIR) / "recipe" / f"{recipe}.yaml").read_text()
     assert "Source:" in text, "every recipe names its source"
     # pinned: teacher, student, loss, dataset, optimizer, scheduler, epochs and batch size
     for line in ("override /teacher", "override /student", "override /loss",
@@ -76,7 +79,7 @@ def test_cifar_dkd_recipes_follow_the_protocol(recipe, pair, beta):
 
 @pytest.mark.parametrize("recipe", ["quickstart", "fmnist_bench"])
 def test_a_recipe_sweep_shares_one_teacher(recipe):
-    from distill_cli.teachers import teacher_description
+    from distill_cli.teachers.resolve import teacher_description
     fake = fake_data(shape=[1, 28, 28], num_classes=10, train_size=8, test_size=4)
     keys = {str(teacher_description(make_cfg([f"recipe={recipe}", f"loss={loss}",
                                               f"seed={seed}"]), fake))
@@ -91,8 +94,8 @@ def test_command_line_beats_the_recipe():
 
 
 def test_mtard_recipe_pairs_the_fmnist_bench_teacher_with_a_robust_one():
-    from distill_cli.store import content_key
-    from distill_cli.teachers import teacher_description
+    from distill_cli.teachers.store import content_key
+    from distill_cli.teachers.resolve import teacher_description
 
     cfg = make_cfg(["recipe=fmnist_mtard"])
     bench = make_cfg(["recipe=fmnist_bench"])

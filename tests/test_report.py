@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from distill_cli.cli import report_main
-from distill_cli.report import collect, group, summarize
+from distill_cli.reporting.report import collect, group, summarize
 
 REPORT = str(Path(sys.executable).parent / "distill-report")
 LOSS = {"ce": "CrossEntropy", "kd": "KD"}

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill_cli.build import build_objective
+from distill_cli.config.build import build_objective
 from distill_cli.errors import UserError
-from distill_cli.launcher import RunInterrupted, run
+from distill_cli.training.run import RunInterrupted, run
 from distill_cli.losses.self_distill import SelfDistill
-from distill_cli.self_distill import optimal_alpha
+from distill_cli.training.generations import optimal_alpha
 
 from conftest import DIGITS, make_cfg
 

@@ -11,15 +11,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill_cli.build import build_objective
-from distill_cli.data.bundle import derive_seed
+from distill_cli.config.paths import CONF_DIR
+from distill_cli.config.build import build_objective
+from distill_cli.seeding import derive_seed
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext
 from distill_cli.losses.kd import KD
 from distill_cli.losses.swing import (Swing, logit_noise, noise_generator,
                                       per_sample_temperature, privacy_score)
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "loss" / "swing.yaml"
+CONF = Path(CONF_DIR) / "loss" / "swing.yaml"
 B, NC = 12, 7
 
 

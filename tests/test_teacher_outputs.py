@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill_cli import build
-from distill_cli.engine import autocast, teacher_logits
-from distill_cli.launcher import RunInterrupted, run
-from distill_cli.teacher_outputs import TeacherOutputs
+from distill_cli.config import build
+from distill_cli.training.engine import autocast, teacher_logits
+from distill_cli.training.run import RunInterrupted, run
+from distill_cli.teachers.outputs import TeacherOutputs
 
 from conftest import DIGITS, make_cfg
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill_cli.errors import UserError
-from distill_cli.launcher import RunInterrupted, run
+from distill_cli.training.run import RunInterrupted, run
 
 from conftest import DIGITS, make_cfg
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 
 from distill_cli.data.augment import AugmentSpec, augment_batch, normalize
 from distill_cli.errors import UserError
+from distill_cli.seeding import derive_seed
 
 #: bump when a change here alters which samples/pixels a given config yields (cache keys use it).
 DATA_VERSION = 1
@@ -36,13 +36,6 @@ class Batch(NamedTuple):
     index: torch.Tensor  # int64 [B], positions in the split
     x: torch.Tensor      # float32, normalised (and augmented for training), on the split's device
     y: torch.Tensor      # int64 [B], on the split's device
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed that is a stable (cross-process, cross-platform) function of `parts`."""
-    text = "\x1f".join(p if isinstance(p, str) else repr(int(p)) for p in parts)
-    digest = hashlib.sha256(text.encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from distill_cli.data.augment import AugmentSpec
-from distill_cli.data.bundle import DataBundle, derive_seed, make_in_memory_bundle
+from distill_cli.data.bundle import DataBundle, make_in_memory_bundle
+from distill_cli.seeding import derive_seed
 from distill_cli.errors import UserError
 
 

@@ -20,7 +20,7 @@ import torch
 
 from distill_cli.data.augment import AugmentSpec
 from distill_cli.data.bundle import DataBundle, make_in_memory_bundle
-from distill_cli.data.fetch import DEFAULT_TIMEOUT, load_torchvision, resolve_root
+from distill_cli.data.sources import DEFAULT_TIMEOUT, load_torchvision, resolve_root
 from distill_cli.errors import UserError
 
 MEAN, STD = (0.2860,), (0.3530,)

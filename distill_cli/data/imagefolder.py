@@ -29,7 +29,7 @@ import torch
 from distill_cli.data.augment import AugmentSpec
 from distill_cli.data.bundle import (DataBundle, InMemorySplit, LoaderSplit, common_identity,
                                      split_positions)
-from distill_cli.data.fetch import resolve_root
+from distill_cli.data.sources import resolve_root
 from distill_cli.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from distill_cli.data.bundle import derive_seed
+from distill_cli.seeding import derive_seed
 from distill_cli.errors import UserError
 
 _MIX_KEYS = ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob", "partial")

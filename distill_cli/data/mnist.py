@@ -8,7 +8,7 @@ import torch
 
 from distill_cli.data.augment import AugmentSpec
 from distill_cli.data.bundle import DataBundle, make_in_memory_bundle
-from distill_cli.data.fetch import DEFAULT_TIMEOUT, load_torchvision
+from distill_cli.data.sources import DEFAULT_TIMEOUT, load_torchvision
 
 MEAN, STD = (0.1307,), (0.3081,)
 DEFAULT_AUGMENT = AugmentSpec(crop_padding=0, hflip=False)

@@ -11,7 +11,7 @@ import torch
 
 from distill_cli.data.augment import AugmentSpec
 from distill_cli.data.bundle import DataBundle, make_in_memory_bundle
-from distill_cli.data.fetch import DEFAULT_TIMEOUT, load_torchvision
+from distill_cli.data.sources import DEFAULT_TIMEOUT, load_torchvision
 
 MEAN, STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
 DEFAULT_AUGMENT = AugmentSpec(crop_padding=4, hflip=True)

@@ -49,7 +49,7 @@ class Objective(nn.Module):
     # training batch, so they can train with `dataset.labels=false` and on unlabeled extra data.
     uses_labels: bool = True
     # True for methods whose point is privacy (Swing): `eval.mia=auto` then measures membership
-    # inference of the final weights (distill_cli.privacy) into the summary.
+    # inference of the final weights (distill_cli.evaluation.privacy) into the summary.
     measures_privacy: bool = False
     # True for methods that need more than the two models' logits — feature taps, several
     # forwards, adversarial examples (FitNet, AT, RKD, CRD, OFA, DisWOT, MTARD, adversarial CE).

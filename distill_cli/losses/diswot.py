@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill_cli.diswot import penultimate_width, relation_distance, semantic_distance
+from distill_cli.evaluation.diswot import penultimate_width, relation_distance, semantic_distance
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext
 from distill_cli.losses.ce import _as_float, check_logits
@@ -36,14 +36,14 @@ class DisWOTDistill(FeatureObjective):
 
     * KD part exactly as `losses.kd.KD` (batchmean KL from log-probabilities, teacher detached):
       METHODS.md's DisWOT distillation setting T 4, CE 0.1, KD 0.9.
-    * D_sem (distill_cli.diswot.semantic_distance): per-class row-normalised outer products of
+    * D_sem (distill_cli.evaluation.diswot.semantic_distance): per-class row-normalised outer products of
       the FC weight gradients `G = (softmax(z) − onehot(y))ᵀ h / B` (`fc_gradient`), with
       `h = pooled(last stage)` — the zoo contract says the final linear layer reads exactly that
       (with dropout > 0 we use the un-dropped features). The teacher side is the frozen
       teacher's gradient on the same batch (no graph); the student side back-propagates
       through its logits and features. Needs equal penultimate widths (checked in `bind`:
       set `semantic_weight: 0` otherwise).
-    * D_rel (distill_cli.diswot.relation_distance): row-normalised B×B Gram matrices of the
+    * D_rel (distill_cli.evaluation.diswot.relation_distance): row-normalised B×B Gram matrices of the
       last-stage outputs flattened per sample, ‖A_t − A_s‖²/B² — the SP loss (Tung & Mori).
     * Weights (OUR choice, the paper gives none for DisWOT†): relation_weight 3000 is
       RepDistiller's SP weight (`--beta 3000`) for this same formula; semantic_weight 30: for

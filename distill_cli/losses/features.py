@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models.taps import FeatureTaps
-from .base import Objective, StepContext
+from distill_cli.errors import UserError
+from distill_cli.models.taps import FeatureTaps
+from distill_cli.losses.base import Objective, StepContext
 
 
 def pooled(feat: torch.Tensor) -> torch.Tensor:

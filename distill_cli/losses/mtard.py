@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill_cli.adversarial import NormalizedModel, check_attack, pgd, pixel_stats
+from distill_cli.evaluation.adversarial import NormalizedModel, check_attack, pgd, pixel_stats
 from distill_cli.errors import UserError
 from distill_cli.losses.base import Objective, StepContext
 from distill_cli.losses.ce import _as_float

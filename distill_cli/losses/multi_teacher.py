@@ -1,7 +1,7 @@
 """Multi-teacher KD with similarity-weighted teachers — DistillNearest / DistillWeighted-inspired
 (METHODS.md [abstract]; the score, the weighting and the loss are OUR design).
 
-The K teachers come from the top-level `teachers` list; `distill_cli.teacher_pool` puts each in
+The K teachers come from the top-level `teachers` list; `distill_cli.teachers.pool` puts each in
 this dataset's class space and scores its task similarity ONCE, before training (the score is
 documented there). This objective turns the scores into per-teacher weights and distils the
 weighted mixture of the teachers' softened outputs.

@@ -1,7 +1,7 @@
 """Self-distillation with ground-truth guidance (Borup & Andersen) — METHODS.md [code].
 
 Generation τ of the same architecture (freshly initialised) learns from generation τ−1 and the
-labels; `distill_cli.self_distill` runs the generations and picks α per generation (`auto`).
+labels; `distill_cli.training.generations` runs the generations and picks α per generation (`auto`).
 """
 from __future__ import annotations
 

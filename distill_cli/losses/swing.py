@@ -3,7 +3,7 @@
 Only the abstract was available ("a per-sample temperature driven by a privacy score, and noise
 added to the soft targets"), so everything concrete below is OUR design, labelled
 "Swing-inspired"; it is not the authors' method and results must not be reported as theirs.
-Measure what it buys with `distill_cli.privacy.membership_auc` (membership inference).
+Measure what it buys with `distill_cli.evaluation.privacy.membership_auc` (membership inference).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from distill_cli.data.bundle import derive_seed
+from distill_cli.seeding import derive_seed
 from distill_cli.errors import UserError
 from distill_cli.losses.base import Objective, StepContext
 from distill_cli.losses.functional import (as_float, check_pair, kl_from_log_probs,

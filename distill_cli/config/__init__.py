@@ -1,0 +1,1 @@
+"""Composition-time pieces: where the configs live, the allow-listed `instantiate`, checks."""

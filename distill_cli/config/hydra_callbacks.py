@@ -1,0 +1,25 @@
+"""Hydra callbacks. `RunDirGuard` runs before Hydra writes anything into the run dir, so an
+explicit `hydra.run.dir` that already holds a run is never overwritten by accident."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict, read_write
+
+from distill_cli.errors import UserError, exit_with
+from distill_cli.runs.directory import check_run_dir
+
+
+class RunDirGuard(Callback):
+    def on_run_start(self, config: DictConfig, **_) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        resume = config.trainer.get("resume")
+        try:
+            existing = check_run_dir(run_dir, resume)
+        except UserError as err:
+            exit_with(err)
+        if existing and resume is not None:
+            # Continuing in place: keep the run's original .hydra/ files (its true config).
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.output_subdir = None

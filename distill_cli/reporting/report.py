@@ -1,0 +1,328 @@
+"""`distill-report`: one row per configuration of a sweep, seeds pooled.
+
+Input is what runs leave on disk: `summary.json` (and `.hydra/overrides.yaml` for runs that
+died before writing it). Only finished runs enter the statistics; every other run is counted
+in the `status` column, so a crashed seed can neither vanish nor skew a mean unnoticed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml  # PyYAML comes with omegaconf
+
+from distill_cli.errors import UserError
+from distill_cli.reporting.tracking import make_console
+from distill_cli.io import read_json
+
+MAIN_METRIC = "best/test/acc1"
+FORMATS = ("table", "md", "csv", "json")
+# Keys that identify what was trained even when the overrides agree (e.g. other defaults).
+IDENTITY = ("dataset", "student", "teacher", "loss")
+# Overrides naming a location, not a configuration: they differ per job (a per-seed teacher
+# checkpoint, hydra.run.dir, trainer.resume) and must neither split a group nor label it.
+_PATH_KEY = re.compile(r"(^|[._])(dir|path|root|file|checkpoint|resume)$")
+_LOWER_IS_BETTER = ("ece", "nll", "wall")
+_TEXT = ("config", "status")
+SHORT = {"best/test/acc1": "best acc1", "last/test/acc1": "last acc1", "best/test/ece": "ece",
+         "gain": "gain vs CE", "teacher/test/acc1": "teacher acc1", "wall_s": "wall s",
+         "best/test/pgd_acc1": "pgd acc1"}
+ALIASES = {"best": "best/test/acc1", "last": "last/test/acc1", "ece": "best/test/ece",
+           "teacher": "teacher/test/acc1", "wall": "wall_s", "pgd": "best/test/pgd_acc1"}
+# reported as mean ± std when any run has them (robust accuracy: `eval.pgd.steps > 0`)
+OPTIONAL = ("best/test/pgd_acc1",)
+
+
+@dataclass
+class Run:
+    path: Path
+    status: str               # summary's status, or "missing" (no readable summary.json)
+    summary: dict | None
+    overrides: list[str]
+
+
+@dataclass
+class Group:
+    label: str
+    overrides: dict[str, str]  # the config-defining overrides (no seed, no paths)
+    runs: list[Run]
+
+    @property
+    def finished(self) -> list[Run]:
+        return [r for r in self.runs if r.status == "finished"]
+
+    def info(self, key: str):
+        return next((r.summary.get(key) for r in self.runs if r.summary), None)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:  # a number that can be ranked and plotted
+    return _number(v) and math.isfinite(v)
+
+
+# --------------------------------------------------------------------------- collect
+def _load(run_dir: Path) -> Run:
+    summary = read_json(run_dir / "summary.json")
+    summary = summary if isinstance(summary, dict) else None
+    overrides = (summary or {}).get("overrides")
+    if overrides is None:  # no summary: the job's own record of its command line
+        try:
+            overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            overrides = None
+    status = str(summary.get("status") or "unknown") if summary else "missing"
+    overrides = overrides if isinstance(overrides, list) else []
+    return Run(run_dir, status, summary, [str(o) for o in overrides])
+
+
+def collect(paths) -> list[Run]:
+    """Every run dir (holds `summary.json` or `.hydra/`) under `paths`, each once."""
+    found: dict[Path, Run] = {}
+    for root in map(Path, paths):
+        if root.name == "summary.json" and root.is_file():
+            root = root.parent
+        if not root.is_dir():
+            raise UserError(f"{root} is not a directory", fix="Pass run dirs or sweep dirs "
+                            "such as multirun/<date>/<time>")
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            if "summary.json" in filenames or ".hydra" in dirnames:
+                found.setdefault(here.resolve(), _load(here))
+                dirnames[:] = []  # runs never nest; skip checkpoints/, wandb/
+            else:
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    return sorted(found.values(), key=lambda r: str(r.path))
+
+
+# --------------------------------------------------------------------------- group
+def _config(overrides: list[str]) -> dict[str, str]:
+    out = {}
+    for o in overrides:
+        key, _, value = o.lstrip("~+").partition("=")
+        hydra = key == "hydra" or key.startswith(("hydra.", "hydra/"))
+        if not (key == "seed" or hydra or _PATH_KEY.search(key)
+                or value.startswith(("/", "~", "./", "../"))):
+            out[key] = _canonical(value)
+    return out
+
+
+def _canonical(value: str) -> str:
+    """One spelling per value as Hydra reads it, so that sweeps written by hand (`true`,
+    `0.001`) and by the multirun sweeper (`True`, `1e-3`) pool into one group and label."""
+    low = value.lower()
+    if low in ("true", "false", "null"):
+        return low
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if not math.isfinite(number):
+        return value
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def group(runs: list[Run]) -> list[Group]:
+    """Runs that differ only in seed (and paths) form one group."""
+    buckets: dict[tuple, list[Run]] = {}
+    # Runs with a summary first, so that a `missing` run joins the group of its config.
+    for run in sorted(runs, key=lambda r: r.summary is None):
+        cfg = tuple(sorted(_config(run.overrides).items()))
+        if run.summary is not None:
+            key = (cfg, tuple(str(run.summary.get(k)) for k in IDENTITY))
+        else:
+            same = [k for k in buckets if k[0] == cfg]
+            key = same[0] if len(same) == 1 else (cfg, None)
+        buckets.setdefault(key, []).append(run)
+    configs = [_config(r.overrides) for r in runs]
+    names = {k for c in configs for k in c}
+    varying = sorted(k for k in names if len({c.get(k) for c in configs}) > 1)
+    groups, seen = [], Counter()
+    for (cfg, _), members in buckets.items():
+        cfg = dict(cfg)
+        label = " ".join(f"{k}={cfg[k]}" for k in varying if k in cfg)
+        label = label or next((str(r.summary["loss"]) for r in members
+                               if r.summary and r.summary.get("loss")), "(defaults)")
+        seen[label] += 1  # same overrides, different identity (e.g. other code defaults)
+        groups.append(Group(label + (f" #{seen[label]}" if seen[label] > 1 else ""),
+                            cfg, members))
+    return groups
+
+
+# --------------------------------------------------------------------------- statistics
+def _values(runs: list[Run], key: str) -> list[float]:
+    return [r.summary[key] for r in runs if _number(r.summary.get(key))]
+
+
+def _mean(runs: list[Run], key: str) -> float | None:
+    return statistics.mean(v) if (v := _values(runs, key)) else None
+
+
+def _baseline(g: Group, groups: list[Group]) -> Group | None:
+    """The CE group of the same student and dataset; if several (e.g. an lr sweep), the one
+    sharing the most overrides with `g`; a tie gives no baseline rather than a guess."""
+    cands = [c for c in groups if c.finished and c.info("loss") == "CrossEntropy"
+             and (c.info("student"), c.info("dataset")) == (g.info("student"),
+                                                            g.info("dataset"))]
+    if not cands:
+        return None
+    score = {id(c): len(set(c.overrides.items()) & set(g.overrides.items())) for c in cands}
+    top = [c for c in cands if score[id(c)] == max(score.values())]
+    return top[0] if len(top) == 1 else None
+
+
+def summarize(groups: list[Group], metric: str = MAIN_METRIC) -> list[dict]:
+    """One dict per group; numbers at full precision, None where there is no value."""
+    rows = []
+    for g in groups:
+        fin = g.finished
+        row = {"config": g.label, **{k: g.info(k) for k in IDENTITY}, "n": len(fin)}
+        for key in dict.fromkeys([metric, "best/test/acc1", "last/test/acc1", *OPTIONAL]):
+            v = _values(fin, key)
+            row[key] = statistics.mean(v) if v else None
+            row[key + "_std"] = statistics.stdev(v) if len(v) > 1 else None
+        base = _baseline(g, groups)
+        base_mean = _mean(base.finished, metric) if base else None
+        row["gain"] = (row[metric] - base_mean
+                       if row[metric] is not None and base_mean is not None else None)
+        for key in ("best/test/ece", "teacher/test/acc1", "wall_s"):
+            row.setdefault(key, _mean(fin, key))
+        row["seeds"] = sorted(r.summary.get("seed") for r in fin
+                              if isinstance(r.summary.get("seed"), int))
+        others = Counter(r.status for r in g.runs if r.status != "finished")
+        # Same config and seed twice (a sweep launched again): pooled, but said so.
+        others["repeated seed"] = len(row["seeds"]) - len(set(row["seeds"]))
+        row["status"] = ", ".join(f"{n} {s}" for s, n in sorted(others.items()) if n) or "ok"
+        row["runs"] = {str(r.path): r.status for r in g.runs}
+        rows.append(row)
+    return rows
+
+
+def sort_rows(rows: list[dict], column: str, reverse: bool = False) -> list[dict]:
+    """Best first: descending, except text and lower-is-better columns; blanks last."""
+    column = ALIASES.get(column, column)
+    if rows and column not in rows[0]:
+        names = [k for k, v in rows[0].items() if not isinstance(v, (list, dict))]
+        raise UserError(f"--sort {column}: no such column",
+                        fix="Choose one of: " + ", ".join(names))
+    has = [r for r in rows if _num(r[column]) or isinstance(r[column], str)]
+    text = any(isinstance(r[column], str) for r in has)
+    descending = not text and not any(s in column for s in _LOWER_IS_BETTER)
+    has.sort(key=lambda r: r[column], reverse=descending != reverse)
+    return has + [r for r in rows if r not in has]
+
+
+# --------------------------------------------------------------------------- output
+def _columns(metric: str, rows: list[dict]) -> list[str]:
+    optional = [k for k in OPTIONAL if any(r.get(k) is not None for r in rows)]
+    return ["config", "n", *dict.fromkeys([metric, "best/test/acc1", "last/test/acc1",
+                                           *optional]),
+            "best/test/ece", "gain", "teacher/test/acc1", "wall_s", "status"]
+
+
+def _cell(row: dict, key: str) -> str:
+    v = row.get(key)
+    if v is None or isinstance(v, str) or key == "n":
+        return "" if v is None else str(v)
+    if key == "gain":
+        return f"{v:+.2f}"
+    if "ece" in key:
+        return f"{v:.4f}"
+    if key == "wall_s":
+        return f"{v:.0f}"
+    std = row.get(key + "_std")
+    return f"{v:.2f} ± {std:.2f}" if std is not None else f"{v:.2f}"
+
+
+def render(rows: list[dict], fmt: str, metric: str = MAIN_METRIC) -> str:
+    """md / csv / json text (the rich table is `print_table`)."""
+    if fmt == "json":  # strict JSON: a NaN metric becomes null
+        return json.dumps([{k: v if not _number(v) or _num(v) else None for k, v in r.items()}
+                           for r in rows], indent=2)
+    if fmt == "csv":
+        buf, keys = io.StringIO(), [k for k in rows[0] if k not in ("seeds", "runs")]
+        writer = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+    cols = _columns(metric, rows)
+    lines = ["| " + " | ".join(SHORT.get(c, c) for c in cols) + " |",
+             "|" + "|".join("---" if c in _TEXT else "---:" for c in cols) + "|"]
+    lines += ["| " + " | ".join(_cell(r, c).replace("|", "\\|") for c in cols) + " |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[dict], metric: str = MAIN_METRIC, title: str | None = None) -> None:
+    from rich.table import Table
+
+    table, cols = Table(title=title), _columns(metric, rows)
+    for c in cols:
+        table.add_column(SHORT.get(c, c), justify="left" if c in _TEXT else "right")
+    for r in rows:
+        table.add_row(*(_cell(r, c) for c in cols),
+                      style=None if r["status"] == "ok" else "yellow")
+    # A pipe gets a wide console: rich's 80-column default would fold the numbers.
+    make_console().print(table)
+
+
+def plot(rows: list[dict], out: Path, metric: str = MAIN_METRIC) -> None:
+    """Bar per group (mean ± std of `metric`); each CE baseline as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in rows if _num(r[metric])]
+    if not rows:
+        raise UserError(f"--plot: no finished run has {metric}")
+    means = [r[metric] for r in rows]
+    stds = [r[metric + "_std"] or 0.0 for r in rows]
+    fig = Figure(figsize=(max(6.0, 1.3 * len(rows) + 3), 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue")
+    ax.set_xticks(range(len(rows)), [r["config"] for r in rows], rotation=30, ha="right")
+    ce = {(r["student"], r["dataset"]): r[metric] for r in rows if r["loss"] == "CrossEntropy"}
+    for i, ((student, _), value) in enumerate(ce.items()):
+        ax.axhline(value, ls="--", color=f"C{i + 1}", lw=1.2, label=f"CE baseline, {student}")
+    if ce:
+        ax.legend(loc="best", fontsize="small")
+    # Zoom on the spread: differences of a fraction of a point vanish on a 0-100 axis.
+    lo = min(m - s for m, s in zip(means, stds))
+    hi = max(m + s for m, s in zip(means, stds))
+    pad = max(0.5 * (hi - lo), 0.5)
+    ax.set_ylim(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}: mean ± std over seeds")
+    fig.savefig(out, dpi=120)
+
+
+def report(paths, metric: str = MAIN_METRIC, sort: str | None = None, reverse: bool = False,
+           fmt: str = "table", plot_to: Path | None = None) -> list[dict]:
+    """What `distill-report` does; raises UserError for anything the user should fix."""
+    runs = collect(paths)
+    if not runs:
+        raise UserError("no run found under " + ", ".join(map(str, paths)), fix="Pass a "
+                        "sweep dir (multirun/<date>/<time>) or run dirs holding summary.json")
+    finished = [r for r in runs if r.status == "finished"]
+    if finished and not _values(finished, metric):
+        keys = sorted({k for r in finished for k, v in r.summary.items() if _num(v)})
+        raise UserError(f"--metric {metric}: no finished run has it",
+                        fix="Numeric keys of summary.json: " + ", ".join(keys))
+    rows = sort_rows(summarize(group(runs), metric), sort or metric, reverse)
+    if fmt == "table":
+        print_table(rows, metric, title=f"{len(runs)} runs, {len(rows)} configs")
+    else:
+        print(render(rows, fmt, metric), end="")
+    if plot_to is not None:
+        plot(rows, Path(plot_to), metric)
+    return rows

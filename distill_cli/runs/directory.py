@@ -1,0 +1,98 @@
+"""Run-directory rules: what a run dir holds, and whether this launch may write into it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from distill_cli.errors import UserError
+from distill_cli.io import read_json
+
+LAST = Path("checkpoints") / "last.pt"
+
+# Keys that may differ when a run is continued (they do not change what is computed).
+RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.log_every_n_steps",
+                    "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger",
+                    "trainer.channels_last", "trainer.compile", "teacher.outputs", "eval")
+# Keys added after checkpoints already existed, with the value that reproduces what those runs
+# computed: a checkpoint without the key counts as having that value.
+ADDED_KEYS = {"teachers": [], "self_distill.generations": 0, "self_distill.alpha": 0.5}
+
+
+def check_run_dir(run_dir: Path, resume: str | None) -> bool:
+    """Return True when `run_dir` already holds a run this launch continues; raise UserError
+    when the launch would overwrite a run or has nothing to resume."""
+    run_dir = Path(run_dir)
+    summary = read_json(run_dir / "summary.json") or {}
+    has_last = (run_dir / LAST).is_file()
+    status = summary.get("status")
+    if resume == "auto":
+        # a self-distillation run (`generations` in its summary) is made of generation run dirs
+        # and has no last.pt of its own: it continues from them
+        if not has_last and "generations" not in summary:
+            raise UserError(f"trainer.resume=auto but {run_dir} has no checkpoints/last.pt "
+                            "to continue", "trainer.resume",
+                            "Point hydra.run.dir at the run to continue, pass "
+                            "trainer.resume=<path/to/last.pt>, or drop trainer.resume to "
+                            "start a new run")
+        if status == "finished":
+            raise UserError(f"The run in {run_dir} already finished; there is nothing to "
+                            "resume", "trainer.resume",
+                            "Start a new run (drop trainer.resume), or fork it with "
+                            "trainer.resume=<run>/checkpoints/last.pt and a larger "
+                            "trainer.epochs")
+        return True
+    if has_last or status is not None:
+        raise UserError(f"{run_dir} already holds a run (status: {status or 'unknown'}); "
+                        "refusing to overwrite it", "hydra.run.dir",
+                        "Choose another hydra.run.dir (the default is a fresh timestamped "
+                        "one), or pass trainer.resume=auto to continue that run")
+    return False
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint file to resume from, or None for a fresh run."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return Path(run_dir) / LAST
+    path = Path(str(resume)).expanduser()
+    if not path.is_file():
+        raise UserError(f"trainer.resume={resume} does not exist", "trainer.resume",
+                        "Pass a checkpoint file such as <run>/checkpoints/last.pt, or "
+                        "trainer.resume=auto with hydra.run.dir=<run>")
+    return path
+
+
+def check_same_run(cfg: DictConfig, ckpt: dict) -> None:
+    """Continuing a run with different settings would silently mix two experiments."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    then = ckpt["config"]
+    diffs = [k for k in _flat_keys(now) | _flat_keys(then)
+             if not k.startswith(RESUME_FREE_KEYS) and _get(now, k) != _then(then, k)
+             and k != "trainer.epochs"]
+    if diffs:
+        shown = ", ".join(f"{k}: {_get(then, k)!r} → {_get(now, k)!r}" for k in sorted(diffs)[:6])
+        raise UserError(f"The checkpoint was trained with different settings ({shown})",
+                        "trainer.resume", "Repeat the original overrides when resuming "
+                        f"(they were: {' '.join(ckpt.get('overrides', [])) or 'none'})")
+
+
+def _flat_keys(d: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        keys |= _flat_keys(v, key + ".") if isinstance(v, dict) and v else {key}
+    return keys
+
+
+def _get(d: dict, dotted: str, missing=None):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return missing
+        d = d[part]
+    return d
+
+
+def _then(then: dict, dotted: str):
+    return _get(then, dotted, ADDED_KEYS.get(dotted))

@@ -1,0 +1,247 @@
+"""The teacher-output store: a frozen teacher's logits computed once, then served by index.
+
+Training batches are a pure function of (data_seed, epoch, step) — order and augmentation — so
+the teacher's logits for every training sample of epoch e are a pure function of (teacher, data,
+data_seed, batch size, e). Without augmentation they do not depend on the epoch at all. Each such
+table is computed once (one inference pass over exactly the batches training will see), written
+atomically next to the teacher store, and reused by every run that shares it: a sweep of ten
+losses x three seeds with a fixed `data_seed` pays for the teacher once.
+
+Layout: `<store.root>/outputs/<key>/<table>.npy` + `<table>.json` (shape, dtype, checksum of a
+sample of rows). A table is used only when its JSON exists and the checksum matches; anything
+else is rebuilt, never used. Tables: `train` (no augmentation) or `train_e<epoch>`, and the
+evaluation splits `val` / `test`.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omegaconf import OmegaConf
+
+from distill_cli.config.build import model_node, runs_channels_last
+from distill_cli.io import atomic_write_bytes
+from distill_cli.data import InMemorySplit
+from distill_cli.data.mixing import MixSpec, training_batches
+from distill_cli.errors import UserError
+from distill_cli.numerics import autocast, quantise
+from distill_cli.teachers.store import Store, content_key
+from distill_cli.io import read_json, write_json
+
+FORMAT = 1
+DTYPES = {"float32": np.float32, "float16": np.float16}
+_SAMPLE_ROWS = 4096
+
+
+def _checksum(arr: np.ndarray) -> str:
+    rows = np.unique(np.linspace(0, len(arr) - 1, min(len(arr), _SAMPLE_ROWS)).astype(np.int64))
+    h = hashlib.sha256(f"{arr.shape}{arr.dtype}".encode())
+    h.update(np.ascontiguousarray(arr[rows]).tobytes())
+    return h.hexdigest()
+
+
+class TeacherOutputs:
+    def __init__(self, *, teacher, teacher_id: dict, data, batch_size: int, data_seed: int,
+                 device: torch.device, autocast, root: str | Path, dtype: str = "float32",
+                 reporter=None, mix=None):
+        self.teacher, self.data, self.batch_size = teacher, data, batch_size
+        self.data_seed, self.device, self.autocast = data_seed, device, autocast
+        self.dtype, self.reporter = dtype, reporter
+        self.mix = mix or MixSpec()
+        # augmentation or mixing make every epoch's views different: one table per epoch
+        self.augmented = bool(data.train.augment.enabled) or self.mix.enabled
+        view = ({"augment": data.identity.get("augment"), "mix": self.mix.as_dict(),
+                 "data_seed": data_seed, "batch_size": batch_size}
+                if self.augmented else {"plain": True})
+        common = {"format": FORMAT, "teacher": teacher_id, "data": data.identity, "dtype": dtype}
+        self.key = content_key({**common, "view": view})
+        # val/test are never augmented: one entry per teacher x data, whatever the data_seed
+        self.eval_key = content_key({**common, "view": "eval"})
+        self.store = Store(root, "outputs")
+        self.dir = self.store.path(self.key)
+        self.built: list[str] = []   # tables this run had to compute (the rest were hits)
+        self.served: list[str] = []
+
+    # ---------------------------------------------------------------- sizes for `auto`
+    @staticmethod
+    def projected_bytes(data, epochs: int, dtype: str, mix=None) -> int:
+        n_tables = epochs if data.train.augment.enabled or (mix and mix.enabled) else 1
+        rows = n_tables * len(data.train) + len(data.val) + len(data.test)
+        return rows * data.num_classes * np.dtype(DTYPES[dtype]).itemsize
+
+    # ---------------------------------------------------------------- tables
+    def _load(self, key: str, name: str) -> np.ndarray | None:
+        folder = self.store.path(key)
+        meta = read_json(folder / f"{name}.json")
+        path = folder / f"{name}.npy"
+        if meta is None or not path.exists():
+            return None
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError):
+            return None
+        if list(arr.shape) != meta["shape"] or str(arr.dtype) != meta["dtype"] \
+                or _checksum(arr) != meta["checksum"]:
+            if self.reporter:
+                self.reporter.stage(f"teacher outputs {key}/{name}: corrupt, rebuilding")
+            return None
+        return arr
+
+    def _compute(self, key: str, name: str, batches, n: int) -> np.ndarray:
+        out = torch.zeros(n, self.data.num_classes, dtype=torch.float32)
+        with torch.inference_mode():
+            for batch in batches:
+                with self.autocast():
+                    logits = self.teacher(batch.x).float()
+                out[batch.index.cpu()] = quantise(logits, self.dtype).cpu()
+        arr = out.numpy().astype(DTYPES[self.dtype])
+        folder = self.store.path(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / f"{name}.npy", lambda fh: np.save(fh, arr))
+        # the JSON is written last: a table without it (a crash in between) is never used
+        write_json(folder / f"{name}.json", {"shape": list(arr.shape), "dtype": str(arr.dtype),
+                                             "checksum": _checksum(arr), "key": key})
+        return arr
+
+    def table(self, key: str, name: str, batches_fn, n: int) -> torch.Tensor:
+        arr = self._load(key, name)
+        if arr is None:
+            with self.store.lock(f"{key}.{name}"):
+                arr = self._load(key, name)   # another job may have built it while we waited
+                if arr is None:
+                    if self.reporter:
+                        self.reporter.stage(f"teacher outputs: computing `{name}` once "
+                                            f"(store {key})")
+                    arr = self._compute(key, name, batches_fn(), n)
+                    self.built.append(name)
+        self.served.append(name)
+        return torch.from_numpy(np.array(arr, dtype=np.float32)).to(self.device)  # a copy
+
+    def train_table(self, epoch: int) -> torch.Tensor:
+        """[N_train, C] logits for the training batches of `epoch` (row = sample index)."""
+        train = self.data.train
+        if self.augmented:  # exactly the batches training will see in this epoch
+            return self.table(self.key, f"train_e{epoch:04d}", lambda: training_batches(
+                train, self.batch_size, self.data_seed, epoch, 0, self.mix,
+                self.data.num_classes), len(train))
+        # No augmentation: one table for every epoch, covering the samples drop_last leaves out
+        # of any particular epoch too. Computed at the training batch size, because a sample's
+        # logits are bit-identical across batch compositions but not across batch sizes.
+        return self.table(self.key, "train", lambda: full_size_batches(train, self.batch_size), len(train))
+
+    def eval_table(self, split: str, batch_size: int) -> torch.Tensor:
+        part = getattr(self.data, split)
+        return self.table(self.eval_key, split, lambda: part.eval_batches(batch_size), len(part))
+
+    def stats(self) -> dict:
+        hits = sum(1 for n in self.served if n not in self.built)
+        return {"teacher/outputs": "stored", "teacher/outputs_key": self.key,
+                "teacher/outputs_hit_rate": hits / max(len(self.served), 1),
+                "teacher/outputs_dir": str(self.dir)}
+
+
+def full_size_batches(split, batch_size: int):
+    """The split in order, in batches of exactly `batch_size` (the last one padded with the
+    first samples, whose rows are simply written twice with identical values)."""
+    head = None
+    for batch in split.eval_batches(batch_size):
+        if head is None:
+            head = batch
+        short = batch_size - len(batch.index)
+        if short > 0 and len(head.index) >= short:
+            batch = type(batch)(torch.cat([batch.index, head.index[:short]]),
+                                torch.cat([batch.x, head.x[:short]]),
+                                torch.cat([batch.y, head.y[:short]]))
+        yield batch
+
+
+def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporter, mix):
+    """The run's TeacherOutputs when `teacher.outputs` (auto|store|live), the method and the
+    disk budget allow it; None to run the teacher live."""
+    mode = str(cfg.teacher.outputs)
+    if mode not in ("auto", "store", "live"):
+        raise UserError(f"teacher.outputs={mode} is not an option", "teacher.outputs",
+                        "Use auto, store or live")
+    if teacher is None or mode == "live":
+        return None
+    reason = None
+    if objective.live_teacher_only or objective.owns_step:
+        reason = f"{type(objective).__name__} needs the teacher run live (online or features)"
+    elif not isinstance(data.train, InMemorySplit):
+        reason = "the DataLoader path's teacher views are not stored"
+    if reason is None and mode == "auto":
+        need = TeacherOutputs.projected_bytes(data, int(cfg.trainer.epochs),
+                                              str(cfg.teacher.outputs_dtype), mix)
+        used = sum(f.stat().st_size for f in Path(cfg.store.root).expanduser().glob(
+            "outputs/*/*.npy"))
+        if used + need > float(cfg.store.max_gb) * 2**30:
+            reason = (f"the store would exceed store.max_gb={cfg.store.max_gb} "
+                      f"({(used + need) / 2**30:.1f} GiB)")
+    if reason is not None:
+        if mode == "store":
+            raise UserError(f"teacher.outputs=store is not possible: {reason}",
+                            "teacher.outputs", "Use teacher.outputs=auto or live")
+        reporter.stage(f"teacher outputs: live ({reason})")
+        return None
+    if "teacher/key" in teacher_info:
+        teacher_id = {"store": teacher_info["teacher/key"]}
+    elif "teacher/checkpoint" in teacher_info:
+        teacher_id = checkpoint_identity(teacher_info["teacher/checkpoint"])
+    else:
+        teacher_id = {"source": teacher_info.get("teacher/source"),
+                      "model": OmegaConf.to_container(model_node(cfg.teacher))}
+    if teacher_info.get("teacher/bn_folded"):   # folded BN: other last bits, other tables
+        teacher_id["bn_folded"] = True
+    if teacher_info.get("teacher/head") == "ncm":   # a pool's other-task teacher (teacher_pool)
+        teacher_id["head"] = "ncm"
+    teacher_id["precision"] = str(cfg.trainer.precision)
+    if runs_channels_last(cfg, data):
+        # a channels_last teacher runs other kernels (other last bits): its own tables. Within
+        # one format, stored == live (the input's format does not change the conv's here).
+        teacher_id["memory_format"] = "channels_last"
+    return TeacherOutputs(teacher=teacher, teacher_id=teacher_id, data=data,
+                          batch_size=int(cfg.trainer.batch_size),
+                          data_seed=int(cfg.data_seed), device=device,
+                          autocast=lambda: autocast(device, cfg.trainer.precision),
+                          root=cfg.store.root, dtype=str(cfg.teacher.outputs_dtype),
+                          reporter=reporter, mix=mix)
+
+
+class PoolOutputs:
+    """A teacher pool's stored outputs: one TeacherOutputs per member (each keyed like a single
+    teacher, so a member shared with single-teacher runs shares their tables), served together
+    as `[N, K, C]` tables."""
+
+    def __init__(self, members: list[TeacherOutputs]):
+        self.members = members
+
+    def train_table(self, epoch: int) -> torch.Tensor:
+        return torch.stack([m.train_table(epoch) for m in self.members], dim=1)
+
+    def stats(self) -> dict:
+        each = [m.stats() for m in self.members]
+        return {"teacher/outputs": "stored",
+                "teacher/outputs_key": [s["teacher/outputs_key"] for s in each],
+                "teacher/outputs_hit_rate": sum(s["teacher/outputs_hit_rate"] for s in each)
+                / len(each),
+                "teacher/outputs_dir": [s["teacher/outputs_dir"] for s in each]}
+
+
+def outputs_for_pool(pool, objective, data, device, reporter, mix) -> PoolOutputs | None:
+    """`outputs_for_run` for every (entry config, teacher, info) of a multi-teacher pool; None
+    (all live) unless every member can be stored."""
+    members = [outputs_for_run(ecfg, objective, model, info, data, device, reporter, mix)
+               for ecfg, model, info in pool]
+    return PoolOutputs(members) if all(m is not None for m in members) else None
+
+
+def checkpoint_identity(path: str | Path) -> dict:
+    """A teacher loaded from a file is identified by the file's content, not its name."""
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"checkpoint_sha256": h.hexdigest()}

@@ -1,0 +1,156 @@
+"""Self-distillation generations (Borup & Andersen) — METHODS.md "Self-distillation with
+ground-truth guidance": `self_distill.generations=G` (G >= 1) with `loss=self_distill`.
+
+    <run_dir>/gen0/        the student's architecture trained on labels (CE), seed = seed
+    <run_dir>/gen<g>/      g = 1..G: the same architecture, fresh init (seed = seed + g), distilled
+                           with loss=self_distill at α_g from gen<g-1>/checkpoints/best.pt
+    <run_dir>/gen<g>_alpha1/, gen<g>_alpha0/   only with alpha=auto: the two fits that pick α_g
+    <run_dir>/summary.json every generation's best/last test accuracy (`generations`), and the
+                           final generation's metrics as the run's own (`best/test/acc1`, ...)
+
+Each generation is an ordinary run through `launcher.run` (checkpoints, metrics, summary, W&B
+run); every generation sees the same data order (`data_seed` is fixed), only the initialisation
+changes. `trainer.resume=auto` continues: finished generations are kept, an interrupted one is
+resumed, the rest start fresh.
+
+alpha=auto (OUR reconstruction of the per-generation choice; label results so): a generation's
+fit is treated as linear in its targets, f(α) ≈ α·f₁ + (1−α)·f₀, where f₁ and f₀ are the softmax
+VALIDATION predictions (best.pt) of the α=1 and α=0 fits trained for that generation (same init
+and data order). Minimising ‖y − f(α)‖² over α (y one-hot val labels, sums over samples and
+classes) gives α* = ⟨f₁−f₀, y−f₀⟩ / ‖f₁−f₀‖², clipped to [0, 1]; the generation is then trained
+at α*. This costs two extra trainings per generation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from distill_cli.runs import checkpoint
+from distill_cli.config.build import TEACHER_SOURCE_KEYS, build_data
+from distill_cli.training.engine import predict
+from distill_cli.errors import UserError
+from distill_cli.losses.self_distill import SelfDistill
+from distill_cli.runs.directory import check_run_dir
+from distill_cli.teachers.resolve import frozen_from_checkpoint
+from distill_cli.io import read_json, write_json
+
+CE_LOSS = {"_target_": "distill_cli.losses.ce.CrossEntropy", "label_smoothing": 0.0}
+SELF_DISTILL_TARGET = f"{SelfDistill.__module__}.{SelfDistill.__qualname__}"
+
+
+def optimal_alpha(f0: torch.Tensor, f1: torch.Tensor, y: torch.Tensor) -> float:
+    """α* = ⟨f₁−f₀, y−f₀⟩ / ‖f₁−f₀‖² (float64, over all elements), clipped to [0, 1]; 0.5 when
+    the two fits predict the same (α then changes nothing)."""
+    f0, f1, y = (torch.as_tensor(a, dtype=torch.float64) for a in (f0, f1, y))
+    d = f1 - f0
+    denom = float((d * d).sum())
+    if denom == 0.0:
+        return 0.5
+    return min(max(float((d * (y - f0)).sum()) / denom, 0.0), 1.0)
+
+
+def check_options(cfg: DictConfig) -> tuple[int, float | str]:
+    generations = OmegaConf.select(cfg, "self_distill.generations")
+    if isinstance(generations, bool) or not isinstance(generations, int) or generations < 0:
+        raise UserError(f"self_distill.generations={generations!r} must be an integer >= 0",
+                        "self_distill.generations", "Use e.g. self_distill.generations=2")
+    if str(cfg.loss.get("_target_")) != SELF_DISTILL_TARGET:
+        raise UserError(f"self_distill.generations={generations} trains generations with "
+                        "loss=self_distill, but another loss was given", "loss",
+                        "Add loss=self_distill (or set self_distill.generations=0)")
+    alpha = cfg.loss.alpha
+    if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                            or not 0.0 <= float(alpha) <= 1.0):
+        raise UserError(f"self_distill.alpha={alpha!r} must be in [0, 1] or auto",
+                        "self_distill.alpha", "Use e.g. 0.5, or auto")
+    if cfg.trainer.resume not in (None, "auto"):
+        raise UserError("A self-distillation run continues as a whole, not from one checkpoint",
+                        "trainer.resume", "Use trainer.resume=auto with hydra.run.dir=<the run>")
+    return generations, alpha
+
+
+def generation_config(cfg: DictConfig, g: int, alpha: float | None, teacher: Path | None
+                      ) -> DictConfig:
+    """Generation g's run config: seed + g, the student's architecture; gen0 CE without a
+    teacher, later ones loss=self_distill at `alpha` from the `teacher` checkpoint."""
+    c = OmegaConf.to_container(cfg, resolve=True)   # fixes data_seed: one data order for all
+    source = {k: v for k, v in c["teacher"].items() if k in TEACHER_SOURCE_KEYS}
+    c["seed"] = int(c["seed"]) + g
+    c["self_distill"] = {"generations": 0, "alpha": alpha}
+    if teacher is None:
+        c["loss"] = dict(CE_LOSS)
+        c["teacher"] = {**source, "_target_": None, "arch": None, "checkpoint": None}
+    else:
+        c["loss"]["alpha"] = alpha
+        c["teacher"] = {**source, **c["student"], "checkpoint": str(teacher)}
+    return OmegaConf.create(c)
+
+
+def run_generations(cfg: DictConfig, run_dir=None, tty=None, data=None) -> dict:
+    from distill_cli.training.run import RunInterrupted, pick_device, run, validate
+
+    validate(cfg)
+    generations, alpha = check_options(cfg)
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    check_run_dir(run_dir, cfg.trainer.resume)   # never overwrite; resume=auto needs a run
+    device = pick_device(cfg.trainer.device)
+    data = data if data is not None else build_data(cfg.dataset).to(device)
+
+    def once(gcfg: DictConfig, gdir: Path) -> dict:
+        done = read_json(gdir / "summary.json") or {}
+        if done.get("status") == "finished":
+            return done
+        gcfg.trainer.resume = "auto" if (gdir / "checkpoints" / "last.pt").is_file() else None
+        return run(gcfg, gdir, tty=tty, data=data)
+
+    def val_probs(gdir: Path) -> torch.Tensor:
+        ckpt = checkpoint.load(gdir / "checkpoints" / "best.pt", "self_distill.alpha")
+        model = frozen_from_checkpoint(cfg.student, ckpt, data, device, "self_distill.alpha")
+        logits, _ = predict(model, data.val, int(cfg.trainer.eval_batch_size), device,
+                            cfg.trainer.precision)
+        return F.softmax(logits.double(), dim=1)
+
+    summary = {"status": "running", "run_dir": str(run_dir), "self_distill/generations":
+               generations, "self_distill/alpha": alpha, "generations": []}
+    write_json(run_dir / "summary.json", summary)
+    walls, teacher = [], None
+    try:
+        for g in range(generations + 1):
+            a = None if g == 0 else alpha
+            if a == "auto":
+                fits = {}
+                for fit_alpha in (1.0, 0.0):
+                    fdir = run_dir / f"gen{g}_alpha{int(fit_alpha)}"
+                    walls.append(once(generation_config(cfg, g, fit_alpha, teacher), fdir)
+                                 ["wall_s"])
+                    fits[fit_alpha] = val_probs(fdir)
+                y = F.one_hot(data.val.targets.long(), data.num_classes).to(fits[1.0])
+                a = optimal_alpha(fits[0.0], fits[1.0], y)
+            gdir = run_dir / f"gen{g}"
+            final = once(generation_config(cfg, g, a, teacher), gdir)
+            walls.append(final["wall_s"])
+            summary["generations"].append({
+                "generation": g, "run_dir": str(gdir), "alpha": a, "seed": int(cfg.seed) + g,
+                "teacher/checkpoint": None if teacher is None else str(teacher),
+                **{k: final.get(k) for k in ("best/val/acc1", "best/test/acc1",
+                                             "last/test/acc1", "best/test/ece")}})
+            write_json(run_dir / "summary.json", summary)
+            teacher = gdir / "checkpoints" / "best.pt"
+    except RunInterrupted as stop:
+        summary["status"] = "interrupted"
+        write_json(run_dir / "summary.json", summary)
+        print(f"self-distillation interrupted; resume the whole run with hydra.run.dir={run_dir} "
+              "trainer.resume=auto", flush=True)
+        raise RunInterrupted(stop.exit_code, run_dir) from None
+    except BaseException as exc:
+        summary.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
+        write_json(run_dir / "summary.json", summary)
+        raise
+    # the final generation's metrics are the run's own
+    summary = {**final, **summary, "status": "finished", "wall_s": sum(walls)}
+    write_json(run_dir / "summary.json", summary)
+    return summary

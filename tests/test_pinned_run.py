@@ -1,0 +1,66 @@
+"""`task=classification` is the runner's original behaviour, bit for bit.
+
+Fixed runs (a teacher trained by the store, then a KD student served stored outputs, and an
+online BD-KD pair) are pinned to the exact final weights and summary metrics they produced
+before the task seam and the topology objects existed. Any change to what a classification run
+computes — batch order, augmentation, the teacher store's recipe, the step's order of
+operations — changes a hash here. If a change is MEANT to alter the numbers, re-pin with the
+values the failure prints and say why in the commit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from conftest import DIGITS, make_cfg
+from distill_cli.training.run import run
+
+# one home for the pin's inputs: teacher trained by the store (teacher.train.*), KD stored
+FIXED_KD = DIGITS + ["student=mlp", "teacher=cnn_small", "teacher.train.epochs=2",
+                     "loss=kd", "seed=3", "trainer.epochs=2"]
+FIXED_ONLINE = DIGITS + ["student=mlp", "teacher=cnn_small", "loss=bdkd", "seed=1",
+                         "trainer.epochs=1"]
+FIXED_FEATURES = DIGITS + ["student=cnn_small", "teacher=cnn_small", "teacher.train.epochs=1",
+                           "loss=fitnet", "seed=2", "trainer.epochs=1"]
+FIXED_POOL = DIGITS + ["student=mlp", "loss=multi_teacher", "teacher.train.epochs=1",
+                       "trainer.epochs=1", "teachers=[{arch: mlp}, {arch: mlp, seed: 1}]"]
+CASES = {"kd": FIXED_KD, "bdkd": FIXED_ONLINE, "fitnet": FIXED_FEATURES,
+         "multi_teacher": FIXED_POOL}
+
+# measured on the code before the task seam (commit d42fccb), one torch thread (conftest)
+PINNED = {"kd": {"weights": "cc5618d3f7c9ff83", "metrics": "f8f158e416942929"},
+          "bdkd": {"weights": "2f1c5ff4729e8689", "metrics": "e07fe8b9bee3724e"},
+          "fitnet": {"weights": "a00062778107d758", "metrics": "977e1628dcd955bf"},
+          "multi_teacher": {"weights": "87ac78204f0604a7", "metrics": "b42e3e6212ba03b1"}}
+# what a run computed, not where or when: every test metric, the teacher's identity and source
+PINNED_PREFIXES = ("best/", "last/", "teacher/test/", "teachers/", "teacher/key",
+                   "teacher/outputs", "teacher/source", "epochs", "step")
+UNPINNED = ("teachers/entries", "teacher/outputs_dir")
+
+
+def pinned_metrics(summary: dict) -> dict:
+    return {k: v for k, v in summary.items()
+            if k.startswith(PINNED_PREFIXES) and not k.startswith(UNPINNED)}
+
+
+def weights_hash(state: dict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_classification_run_is_pinned_bit_for_bit(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
+    summary = run(make_cfg(CASES[name]), tmp_path / "run", tty=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    metrics = pinned_metrics(summary)
+    got = {"weights": weights_hash(last["model"]), "metrics": hashlib.sha256(
+        json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:16]}
+    assert got == PINNED[name], (f"re-pin {name} with {got!r} (only if the change is meant); "
+                                 f"metrics: {metrics}")
