@@ -30,8 +30,8 @@ def _run_task(task, cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _distill(cfg: DictConfig) -> None:
-    from distill_cli.training.run import run
-    _run_task(run, cfg)
+    from distill_cli.training.launch import launch
+    _run_task(launch, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")

@@ -11,7 +11,8 @@ import torch
 
 from distill_cli.config.build import build_objective
 from distill_cli.errors import UserError
-from distill_cli.training.run import RunInterrupted, run
+from distill_cli.training.launch import launch as run
+from distill_cli.training.run import RunInterrupted
 from distill_cli.losses.self_distill import SelfDistill
 from distill_cli.training.generations import optimal_alpha
 

@@ -37,6 +37,7 @@ from distill_cli.losses.self_distill import SelfDistill
 from distill_cli.runs.directory import check_run_dir
 from distill_cli.teachers.resolve import frozen_from_checkpoint
 from distill_cli.io import read_json, write_json
+from distill_cli.training.run import RunInterrupted, pick_device, run, validate
 
 CE_LOSS = {"_target_": "distill_cli.losses.ce.CrossEntropy", "label_smoothing": 0.0}
 SELF_DISTILL_TARGET = f"{SelfDistill.__module__}.{SelfDistill.__qualname__}"
@@ -91,8 +92,6 @@ def generation_config(cfg: DictConfig, g: int, alpha: float | None, teacher: Pat
 
 
 def run_generations(cfg: DictConfig, run_dir=None, tty=None, data=None) -> dict:
-    from distill_cli.training.run import RunInterrupted, pick_device, run, validate
-
     validate(cfg)
     generations, alpha = check_options(cfg)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)

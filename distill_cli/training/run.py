@@ -128,9 +128,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     """Train one run into `run_dir` (default: Hydra's output dir); `data` reuses a loaded
     DataBundle (the teacher store trains teachers on the student's data); `resume_hint` is
     what an interrupted run tells the user to do (default: the command that resumes it)."""
-    if OmegaConf.select(cfg, "self_distill.generations", default=0):
-        from distill_cli.training.generations import run_generations  # one run() per generation (self_distill.py)
-        return run_generations(cfg, run_dir, tty, data)
     started = time.time()
     validate(cfg)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)

@@ -1,0 +1,16 @@
+"""What one `distill` job runs: a single run, or a chain of self-distillation generations
+(each an ordinary run). The only place that chooses between them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from distill_cli.training.generations import run_generations
+from distill_cli.training.run import run
+
+
+def launch(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = None) -> dict:
+    if OmegaConf.select(cfg, "self_distill.generations", default=0):
+        return run_generations(cfg, run_dir, tty)
+    return run(cfg, run_dir, tty)
