@@ -17,11 +17,11 @@ from torch import nn
 from distill_cli.evaluation.adversarial import (NormalizedModel, as_number, pgd, pgd_settings,
                                      pixel_stats, robust_accuracy)
 from distill_cli.config.build import build_data, build_model, build_objective
-from distill_cli.training.engine import predict, score
+from distill_cli.tasks.classification.evaluate import predict, score
 from distill_cli.errors import UserError
 from distill_cli.training.run import run
 from distill_cli.losses.adv_ce import AdversarialCE
-from distill_cli.losses.base import Objective
+from distill_cli.losses.base import StepObjective
 
 from conftest import DIGITS, make_cfg
 
@@ -220,7 +220,7 @@ def test_adv_ce_matches_numpy(adv_w, clean_w):
 
 def test_adv_ce_config_and_errors():
     obj = build_objective(make_cfg(["loss=adv_ce"]).loss)
-    assert isinstance(obj, Objective) and obj.owns_step and not obj.needs_teacher
+    assert isinstance(obj, StepObjective) and not obj.needs_teacher
     assert (obj.eps, obj.step_size, obj.steps, obj.random_start) == (8 / 255, 2 / 255, 10,
                                                                      "uniform")
     s, y = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])   # test_config's logit-only call

@@ -18,6 +18,7 @@ from distill_cli.evaluation.diswot import (average_ranks, diswot_score, gaussian
                                 relation_distance, scoring_copy, semantic_distance, spearman)
 from distill_cli.errors import UserError
 from distill_cli.training.run import RunInterrupted, run
+from distill_cli.losses.base import StepObjective
 from distill_cli.losses.diswot import DisWOTDistill, fc_gradient
 from distill_cli.models import create
 from distill_cli.models.cost import count_macs, count_params
@@ -393,7 +394,7 @@ def test_diswot_distill_options_and_width_check():
         DisWOTDistill(temperature=0)
     obj = build_objective(make_cfg(["loss=diswot"]).loss)
     assert (obj.temperature, obj.ce_weight, obj.kd_weight) == (4.0, 0.1, 0.9)
-    assert obj.stages == [-1] and obj.owns_step and obj.live_teacher_only
+    assert obj.stages == [-1] and isinstance(obj, StepObjective)
     cfg = make_cfg(DIGITS + ["teacher=cnn", "student=mlp", "loss=diswot"])
     data = build_data(cfg.dataset)
     teacher = build_model(cfg.teacher, "teacher", data).eval()

@@ -109,7 +109,7 @@ def test_a_frozen_teacher_is_folded_and_still_scores_the_same(tmp_path, digits_t
     unfolded = create("resnet8", 10, 1, (8, 8))
     unfolded.load_state_dict(torch.load(digits_teacher, weights_only=True)["model"])
     from distill_cli.config.build import build_data
-    from distill_cli.training.engine import predict, score
+    from distill_cli.tasks.classification.evaluate import predict, score
     data = build_data(make_cfg(DIGITS).dataset)
     t = score(*predict(unfolded.eval(), data.test, 256, torch.device("cpu"), "32"))
     assert summary["teacher/test/acc1"] == t["acc1"]    # folding changed no prediction

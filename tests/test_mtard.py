@@ -15,7 +15,7 @@ from distill_cli.evaluation.adversarial import NormalizedModel, pgd
 from distill_cli.config.build import build_data, build_model, build_objective
 from distill_cli.errors import UserError
 from distill_cli.training.run import RunInterrupted, run
-from distill_cli.losses.base import StepContext
+from distill_cli.losses.base import PoolObjective, StepContext, StepObjective
 from distill_cli.losses.mtard import MTARD
 
 from conftest import DIGITS, make_cfg
@@ -197,7 +197,7 @@ def test_config_decays_follow_the_multistep_milestones_and_errors():
     assert obj.decay_epochs == [] and obj.decays(ctx(100)) == 0
     assert (obj.eps, obj.step_size, obj.steps, obj.random_start) == (8 / 255, 2 / 255, 10,
                                                                      "normal_0.001")
-    assert obj.multiple_teachers and obj.owns_step and obj.needs_teacher
+    assert isinstance(obj, StepObjective) and isinstance(obj, PoolObjective) and obj.needs_teacher
     s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
     assert torch.isfinite(obj(s, t, y)["loss"])   # test_config's logit-only call
     for kw, key in (({"eta": 2}, "loss.eta"), ({"tau_min": 0}, "loss.tau_min"),

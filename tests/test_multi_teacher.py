@@ -168,7 +168,7 @@ def test_a_pool_entry_is_the_same_stored_teacher_as_the_teacher_group():
     from distill_cli.config.build import build_data
     from distill_cli.teachers.store import content_key
     from distill_cli.teachers.pool import entry_config
-    from distill_cli.teachers.resolve import teacher_description
+    from distill_cli.teachers.build import teacher_description
 
     single = make_cfg(DIGITS + ["teacher=cnn", "loss=kd", "teacher.seed=3"])
     pool = make_cfg(MT + ["teachers=[{arch: cnn, seed: 3}, {arch: cnn, seed: 4, dropout: 0.1}]"])

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from distill_cli.config import build
-from distill_cli.training.engine import autocast, teacher_logits
+from distill_cli.numerics import autocast
+from distill_cli.teachers.topology import frozen_logits as teacher_logits
 from distill_cli.training.run import RunInterrupted, run
 from distill_cli.teachers.outputs import TeacherOutputs
 
@@ -32,6 +33,7 @@ def outputs_for(overrides, root, teacher, batch_size=64, data_seed=5):
     cfg = make_cfg(overrides)
     data = build.build_data(cfg.dataset)
     return data, TeacherOutputs(teacher=teacher, teacher_id={"test": 1}, data=data,
+                                 row_shape=(data.num_classes,),
                                 batch_size=batch_size, data_seed=data_seed,
                                 device=torch.device("cpu"),
                                 autocast=lambda: autocast(torch.device("cpu"), "32"), root=root)

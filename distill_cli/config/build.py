@@ -89,6 +89,10 @@ def build_data(node: DictConfig, key: str = "dataset"):
     return instantiate(_without(node, RUN_KEYS), key)
 
 
+def build_task(node: DictConfig):
+    return instantiate(node, "task")
+
+
 def build_objective(node: DictConfig):
     return instantiate(_without(node, LOSS_RUN_KEYS), "loss")
 

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from distill_cli.evaluation.adversarial import NormalizedModel, check_attack, pgd, pixel_stats
 from distill_cli.errors import UserError
-from distill_cli.losses.base import Objective, StepContext
+from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.losses.ce import _as_float
 
 
-class AdversarialCE(Objective):
+class AdversarialCE(StepObjective):
     """`adv_weight·CE(f(x_adv), y) + clean_weight·CE(f(x), y)`, batch means, no teacher.
 
     `x_adv` = PGD L∞ (distill_cli/adversarial.py) against the model being trained, on the same
@@ -32,7 +32,6 @@ class AdversarialCE(Objective):
     """
 
     needs_teacher = False
-    owns_step = True
 
     def __init__(self, eps=8 / 255, step_size=2 / 255, steps: int = 10,
                  random_start: str | None = "uniform", adv_weight: float = 1.0,

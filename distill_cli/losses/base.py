@@ -1,8 +1,8 @@
 """The objective contract shared by every loss.
 
 An objective is an `nn.Module` called as `objective(student_logits, teacher_logits, targets, ctx)`
-and returning a dict of named scalar terms; `loss` is the one back-propagated, every term is
-logged. Anything the objective must remember across steps (schedules, momenta) lives in
+(or, for a `StepObjective`, given the models) and returning a dict of named scalar terms; `loss`
+is the one back-propagated, every term is logged. Anything the objective must remember across steps (schedules, momenta) lives in
 buffers, so it is saved in checkpoints through `state_dict()`.
 """
 from __future__ import annotations
@@ -28,39 +28,36 @@ class StepContext:
 
 
 class Objective(nn.Module):
-    """Base class: subclasses set `needs_teacher` and implement `forward`."""
+    """Base class: a logit objective. Subclasses set `needs_teacher` and implement `forward`.
+
+    The teacher topology an objective needs is declared by its TYPE (the launcher reads it):
+    `Objective` reads one frozen teacher's logits (stored or live); `PoolObjective` several
+    teachers' stacked logits; `OnlineObjective` a teacher that trains alongside; `StepObjective`
+    runs the models itself (feature taps, adversarial examples) and so its teacher runs live.
+    """
 
     needs_teacher: bool = True
-    # True for methods whose teacher must run live every step (online teachers that train,
-    # feature-based methods): their teacher logits are never served from the output store.
-    live_teacher_only: bool = False
     # False for methods that index by the hard label (DKD's masks, PLD's label-first order):
     # they cannot train on mixup/CutMix batches, whose targets are label distributions.
     accepts_soft_targets: bool = True
-    # True for online distillation (BD-KD): the teacher is built fresh and TRAINS with the student
-    # (train mode, its own optimizer/scheduler, saved in checkpoints). The engine then passes the
-    # student objective DETACHED teacher logits and calls `teacher_terms(t, s, y, ctx)` for the
-    # teacher's own loss. Such objectives also set `live_teacher_only`.
-    online_teacher: bool = False
-    # True for objectives distilling from several teachers (the top-level `teachers` list): they
-    # get `[K, B, C]` stacked teacher logits (a `[B, C]` tensor counts as K = 1).
-    multiple_teachers: bool = False
     # False for label-free objectives (SSLD, TAID without CE): they never read `targets` of a
     # training batch, so they can train with `dataset.labels=false` and on unlabeled extra data.
     uses_labels: bool = True
     # True for methods whose point is privacy (Swing): `eval.mia=auto` then measures membership
     # inference of the final weights (distill_cli.evaluation.privacy) into the summary.
     measures_privacy: bool = False
-    # True for methods that need more than the two models' logits — feature taps, several
-    # forwards, adversarial examples (FitNet, AT, RKD, CRD, OFA, DisWOT, MTARD, adversarial CE).
-    # The engine then leaves the forward passes to `step_terms(student, teacher, batch, ctx)`
-    # (teacher: the frozen teacher, the pool's list with `multiple_teachers`, or None). Such
-    # objectives run their teacher(s) live and keep the student in train mode on return.
-    owns_step: bool = False
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor, ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def train_terms(self, student: nn.Module, forward, teacher, batch, ctx: StepContext
+                    ) -> dict[str, torch.Tensor]:
+        """The terms of one training step. `forward` is the student's (possibly compiled)
+        forward, `teacher` the run's topology (teachers/topology.py); the teacher's signal is
+        read first, then the student runs."""
+        t_logits = teacher.train_logits(batch) if self.needs_teacher else None
+        return self(forward(batch.x).float(), t_logits, batch.y, ctx)
 
     def after_step(self, terms: dict[str, torch.Tensor], ctx: StepContext) -> None:
         """Called once after each optimizer step (never in evaluation). Default: nothing."""
@@ -70,8 +67,44 @@ class Objective(nn.Module):
         DataBundle. Objectives with trainable heads create them here (shapes from a dry
         forward), so the heads join the optimizer and the checkpoint. Default: nothing."""
 
+
+class PoolObjective(Objective):
+    """Distils from several frozen teachers (the top-level `teachers` list): `forward` gets
+    `[K, B, C]` stacked teacher logits (a `[B, C]` tensor counts as K = 1)."""
+
+
+class OnlineObjective(Objective):
+    """Online distillation: the teacher is built fresh and TRAINS with the student (train mode,
+    its own optimizer/scheduler, saved in checkpoints). `forward` gets the teacher's logits
+    detached; `teacher_terms(t, s, y, ctx)` is the teacher's own loss on the student's detached
+    logits, so neither network's loss moves the other and one backward trains both."""
+
+    def teacher_terms(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                      targets: torch.Tensor, ctx: StepContext | None = None
+                      ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def train_terms(self, student, forward, teacher, batch, ctx):
+        t_logits = teacher.train_logits(batch)
+        s_logits = forward(batch.x).float()
+        terms = self(s_logits, t_logits.detach(), batch.y, ctx)
+        own = self.teacher_terms(t_logits, s_logits.detach(), batch.y, ctx)
+        return {**terms, **{f"teacher_{k}": v for k, v in own.items()}}
+
+
+class StepObjective(Objective):
+    """Needs more than the two models' logits — feature taps, several forwards, adversarial
+    examples (FitNet, AT, RKD, CRD, OFA, DisWOT, MTARD, adversarial CE): it runs the forward
+    passes itself in `step_terms(student, teacher, batch, ctx)` (teacher: the frozen teacher, a
+    pool's list for a `PoolObjective`, or None), runs its teacher(s) live and leaves the student
+    in train mode."""
+
+    def train_terms(self, student, forward, teacher, batch, ctx):
+        models = teacher.models if isinstance(self, PoolObjective) else teacher.model
+        return self.step_terms(student, models, batch, ctx)
+
     def step_terms(self, student: nn.Module, teacher, batch, ctx: StepContext
                    ) -> dict[str, torch.Tensor]:
-        """The terms of one training step (`owns_step` objectives only); `batch` has
-        `index` (positions in the training split), `x` and `y`."""
-        raise NotImplementedError(f"{type(self).__name__} does not own its step")
+        """The terms of one training step; `batch` has `index` (positions in the training
+        split), `x` and `y`."""
+        raise NotImplementedError

@@ -6,9 +6,9 @@ plus a per-sample mix of forward KL(p_t‖p_s) and reverse KL(p_s‖p_t) driven 
 teacher gets CE plus a reverse-KL regulariser toward the (detached) student. The weighting
 function, the weights and T below are OUR design ("BD-KD-inspired"), not the authors'.
 
-The engine does the online part (`online_teacher`): it builds a fresh teacher, runs it in train
-mode with gradients, calls `forward` with detached teacher logits and `teacher_terms` with
-detached student logits, and steps both optimizers.
+As an `OnlineObjective` it gets the online-teacher topology (teachers/topology.py): a fresh
+teacher in train mode with gradients and its own optimizer; `forward` sees detached teacher
+logits and `teacher_terms` detached student logits, and one backward trains both.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from distill_cli.errors import UserError
-from distill_cli.losses.base import Objective, StepContext
+from distill_cli.losses.base import OnlineObjective, StepContext
 from distill_cli.losses.functional import as_float, check_pair, kl_from_log_probs
 
 
@@ -47,7 +47,7 @@ def mix_weight(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return torch.sigmoid(float(sharpness) * (h_t - h_s) / log_c)
 
 
-class BDKD(Objective):
+class BDKD(OnlineObjective):
     """BD-KD-inspired online KD (our design, METHODS.md [abstract]). With `p^T = softmax(z/T)`:
 
         student:  ce_weight·CE(s, y)
@@ -65,8 +65,6 @@ class BDKD(Objective):
     """
 
     needs_teacher = True
-    live_teacher_only = True
-    online_teacher = True
 
     def __init__(self, temperature: float = 4.0, sharpness: float = 4.0, ce_weight: float = 1.0,
                  kd_weight: float = 1.0, teacher_ce_weight: float = 1.0,

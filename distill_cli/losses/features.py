@@ -1,6 +1,6 @@
 """The shared base of feature-distillation objectives (FitNet, AT, RKD, CRD, OFA, DisWOT†).
 
-A `FeatureObjective` owns its step (`Objective.owns_step`): it taps the stage outputs of both
+A `FeatureObjective` is a `StepObjective`: it taps the stage outputs of both
 models by module path (`model.stages`, models/taps.py — no model rewrites), runs the frozen
 teacher without gradient and the student with it, and calls its own `forward` with the features:
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from distill_cli.errors import UserError
 from distill_cli.models.taps import FeatureTaps
-from distill_cli.losses.base import Objective, StepContext
+from distill_cli.losses.base import StepContext, StepObjective
 
 
 def pooled(feat: torch.Tensor) -> torch.Tensor:
@@ -50,12 +50,10 @@ def stage_pairs(n_student: int, n_teacher: int, stages="all") -> list[tuple[int,
     return [(i, round(i * (n_teacher - 1) / (n_student - 1))) for i in chosen]
 
 
-class FeatureObjective(Objective):
+class FeatureObjective(StepObjective):
     """Subclasses set `stages` (see `stage_pairs`) and implement `build_heads` (optional) and
     `forward(..., s_feats, t_feats, index)`."""
 
-    owns_step = True
-    live_teacher_only = True
 
     def __init__(self, stages="all"):
         super().__init__()

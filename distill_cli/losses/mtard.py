@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from distill_cli.evaluation.adversarial import NormalizedModel, check_attack, pgd, pixel_stats
 from distill_cli.errors import UserError
-from distill_cli.losses.base import Objective, StepContext
+from distill_cli.losses.base import PoolObjective, StepContext, StepObjective
 from distill_cli.losses.ce import _as_float
 
 
@@ -26,7 +26,7 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return kl, entropy.detach()
 
 
-class MTARD(Objective):
+class MTARD(StepObjective, PoolObjective):
     """`w_adv·L_adv + w_nat·L_nat`, NO label CE, from a pool of two teachers:
 
         teachers[0] = the CLEAN (natural) teacher, fed the clean batch x,
@@ -66,9 +66,6 @@ class MTARD(Objective):
     """
 
     needs_teacher = True
-    multiple_teachers = True
-    live_teacher_only = True
-    owns_step = True
 
     def __init__(self, eps=8 / 255, step_size=2 / 255, steps: int = 10,
                  random_start: str | None = "normal_0.001", eta: float = 0.025,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from distill_cli.errors import UserError
-from distill_cli.losses.base import Objective, StepContext
+from distill_cli.losses.base import PoolObjective, StepContext
 from distill_cli.losses.functional import as_float, kl_from_log_probs
 
 WEIGHTINGS = ("mean", "nearest", "similarity")
@@ -27,7 +27,7 @@ def mixture_log_probs(teacher_logits: torch.Tensor, weights: torch.Tensor,
     return torch.logsumexp(log_w + log_p, dim=0)
 
 
-class MultiTeacher(Objective):
+class MultiTeacher(PoolObjective):
     """`ce_weight·CE(s, y) + kd_weight·T²·KL(q ‖ softmax(s/T))`, batchmean, with the target
 
         q = Σ_k w_k·softmax(t_k / T)          (a weighted average of PROBABILITIES)
@@ -46,7 +46,6 @@ class MultiTeacher(Objective):
     needs_teacher = True
     # several frozen teachers; each one's outputs are served from the output store like a
     # single teacher's (teacher.outputs), stacked [K, B, C]
-    multiple_teachers = True
 
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  weights: str = "similarity", tau: float = 0.05):

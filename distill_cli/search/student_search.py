@@ -28,6 +28,9 @@ from distill_cli.evaluation.diswot import combine, init_seed, penultimate_width,
 from distill_cli.errors import UserError
 from distill_cli.models.cost import count_macs, count_params
 from distill_cli.search.report import print_table, write_result
+from distill_cli.teachers.resolve import resolve_teacher
+from distill_cli.training.plan import pick_device
+from distill_cli.training.run import run
 from distill_cli.reporting.tracking import ConsoleReporter
 
 MODEL_TARGET = "distill_cli.models.create"
@@ -113,7 +116,6 @@ def score_batch(data, batch_size: int, seed: int):
 
 def search(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = None) -> dict:
     """Score, rank, report and (with `search.train`) distil the top-k; returns search.json."""
-    from distill_cli.training.run import pick_device
 
     opts = _options(cfg)
     nodes = candidate_nodes(cfg)
@@ -135,8 +137,7 @@ def search(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None 
     widths = [penultimate_width(s) for s in students]
 
     if opts["teacher_weights"] == "trained":
-        from distill_cli.teachers.resolve import resolve_teacher
-        teacher, teacher_info = resolve_teacher(cfg, data, device, reporter, tty)
+        teacher, teacher_info = resolve_teacher(cfg, data, device, reporter, tty, train=run)
     else:   # only the architecture matters: it is Gaussian re-initialised like the students
         teacher = build_model(cfg.teacher, "teacher", data).to(device)
         teacher_info = {"teacher/source": "random init (Gaussian)"}
@@ -186,7 +187,6 @@ def search(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None 
     print_table(result, reporter)
 
     if opts["train"]:
-        from distill_cli.training.run import run
         for row in rows[:int(opts["top_k"])]:
             child_dir = run_dir / "train" / f"{row['rank']}_{row['arch']}"
             reporter.stage(f"distilling rank {row['rank']} ({row['candidate']}) into "

@@ -27,6 +27,7 @@ from distill_cli.io import atomic_write_bytes
 from distill_cli.data import InMemorySplit
 from distill_cli.data.mixing import MixSpec, training_batches
 from distill_cli.errors import UserError
+from distill_cli.losses.base import OnlineObjective, StepObjective
 from distill_cli.numerics import autocast, quantise
 from distill_cli.teachers.store import Store, content_key
 from distill_cli.io import read_json, write_json
@@ -44,10 +45,11 @@ def _checksum(arr: np.ndarray) -> str:
 
 
 class TeacherOutputs:
-    def __init__(self, *, teacher, teacher_id: dict, data, batch_size: int, data_seed: int,
-                 device: torch.device, autocast, root: str | Path, dtype: str = "float32",
-                 reporter=None, mix=None):
+    def __init__(self, *, teacher, teacher_id: dict, data, row_shape: tuple[int, ...],
+                 batch_size: int, data_seed: int, device: torch.device, autocast,
+                 root: str | Path, dtype: str = "float32", reporter=None, mix=None):
         self.teacher, self.data, self.batch_size = teacher, data, batch_size
+        self.row_shape = tuple(row_shape)   # one sample's stored output (the task's contract)
         self.data_seed, self.device, self.autocast = data_seed, device, autocast
         self.dtype, self.reporter = dtype, reporter
         self.mix = mix or MixSpec()
@@ -67,10 +69,11 @@ class TeacherOutputs:
 
     # ---------------------------------------------------------------- sizes for `auto`
     @staticmethod
-    def projected_bytes(data, epochs: int, dtype: str, mix=None) -> int:
+    def projected_bytes(data, row_shape: tuple[int, ...], epochs: int, dtype: str, mix=None
+                        ) -> int:
         n_tables = epochs if data.train.augment.enabled or (mix and mix.enabled) else 1
         rows = n_tables * len(data.train) + len(data.val) + len(data.test)
-        return rows * data.num_classes * np.dtype(DTYPES[dtype]).itemsize
+        return rows * int(np.prod(row_shape)) * np.dtype(DTYPES[dtype]).itemsize
 
     # ---------------------------------------------------------------- tables
     def _load(self, key: str, name: str) -> np.ndarray | None:
@@ -91,7 +94,7 @@ class TeacherOutputs:
         return arr
 
     def _compute(self, key: str, name: str, batches, n: int) -> np.ndarray:
-        out = torch.zeros(n, self.data.num_classes, dtype=torch.float32)
+        out = torch.zeros(n, *self.row_shape, dtype=torch.float32)
         with torch.inference_mode():
             for batch in batches:
                 with self.autocast():
@@ -158,9 +161,11 @@ def full_size_batches(split, batch_size: int):
         yield batch
 
 
-def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporter, mix):
+def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporter, mix,
+                    row_shape: tuple[int, ...]):
     """The run's TeacherOutputs when `teacher.outputs` (auto|store|live), the method and the
-    disk budget allow it; None to run the teacher live."""
+    disk budget allow it; None to run the teacher live. `row_shape` is one sample's stored
+    output (the task's `stored_row_shape`)."""
     mode = str(cfg.teacher.outputs)
     if mode not in ("auto", "store", "live"):
         raise UserError(f"teacher.outputs={mode} is not an option", "teacher.outputs",
@@ -168,12 +173,12 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
     if teacher is None or mode == "live":
         return None
     reason = None
-    if objective.live_teacher_only or objective.owns_step:
+    if isinstance(objective, (StepObjective, OnlineObjective)):
         reason = f"{type(objective).__name__} needs the teacher run live (online or features)"
     elif not isinstance(data.train, InMemorySplit):
         reason = "the DataLoader path's teacher views are not stored"
     if reason is None and mode == "auto":
-        need = TeacherOutputs.projected_bytes(data, int(cfg.trainer.epochs),
+        need = TeacherOutputs.projected_bytes(data, row_shape, int(cfg.trainer.epochs),
                                               str(cfg.teacher.outputs_dtype), mix)
         used = sum(f.stat().st_size for f in Path(cfg.store.root).expanduser().glob(
             "outputs/*/*.npy"))
@@ -202,7 +207,7 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
         # a channels_last teacher runs other kernels (other last bits): its own tables. Within
         # one format, stored == live (the input's format does not change the conv's here).
         teacher_id["memory_format"] = "channels_last"
-    return TeacherOutputs(teacher=teacher, teacher_id=teacher_id, data=data,
+    return TeacherOutputs(teacher=teacher, teacher_id=teacher_id, data=data, row_shape=row_shape,
                           batch_size=int(cfg.trainer.batch_size),
                           data_seed=int(cfg.data_seed), device=device,
                           autocast=lambda: autocast(device, cfg.trainer.precision),
@@ -230,10 +235,11 @@ class PoolOutputs:
                 "teacher/outputs_dir": [s["teacher/outputs_dir"] for s in each]}
 
 
-def outputs_for_pool(pool, objective, data, device, reporter, mix) -> PoolOutputs | None:
+def outputs_for_pool(pool, objective, data, device, reporter, mix, row_shape
+                     ) -> PoolOutputs | None:
     """`outputs_for_run` for every (entry config, teacher, info) of a multi-teacher pool; None
     (all live) unless every member can be stored."""
-    members = [outputs_for_run(ecfg, objective, model, info, data, device, reporter, mix)
+    members = [outputs_for_run(ecfg, objective, model, info, data, device, reporter, mix, row_shape)
                for ecfg, model, info in pool]
     return PoolOutputs(members) if all(m is not None for m in members) else None
 

@@ -1,4 +1,4 @@
-"""The multi-teacher pool (`teachers: [...]`, read by objectives with `multiple_teachers`):
+"""The multi-teacher pool (`teachers: [...]`, read by a `PoolObjective`):
 DistillNearest / DistillWeighted-inspired — METHODS.md [abstract]; the score is OUR design.
 
 Each entry is resolved like the `teacher` node (a checkpoint, or trained once by the teacher
@@ -25,7 +25,7 @@ from torch import nn
 
 from distill_cli.config.build import TEACHER_SOURCE_KEYS
 from distill_cli.config.paths import CONF_DIR
-from distill_cli.training.engine import predict
+from distill_cli.tasks.classification.evaluate import predict
 from distill_cli.errors import UserError
 from distill_cli.teachers.resolve import resolve_teacher
 
@@ -85,7 +85,7 @@ def entry_config(cfg: DictConfig, entry, i: int) -> DictConfig:
     return OmegaConf.create({**base, "teacher": OmegaConf.to_container(node, resolve=True)})
 
 
-def resolve_pool(cfg: DictConfig, data, device, reporter=None, tty=None
+def resolve_pool(cfg: DictConfig, data, device, reporter, tty, train
                  ) -> tuple[list[tuple[DictConfig, nn.Module, dict]], list[float], dict]:
     """(pool, scores, summary fields); the pool holds one (entry config, teacher in the
     dataset's class space, its `teacher/*` info) per entry."""
@@ -94,7 +94,8 @@ def resolve_pool(cfg: DictConfig, data, device, reporter=None, tty=None
     for i, entry in enumerate(cfg.teachers):
         ecfg = entry_config(cfg, entry, i)
         try:
-            model, info = resolve_teacher(ecfg, data, device, reporter, tty, any_classes=True)
+            model, info = resolve_teacher(ecfg, data, device, reporter, tty, train,
+                                          any_classes=True)
         except UserError as err:   # name the entry, not the single-teacher key
             raise UserError(err.what, (err.key or "teacher").replace("teacher", f"teachers[{i}]",
                                                                      1), err.fix) from None

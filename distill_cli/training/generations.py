@@ -31,13 +31,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill_cli.runs import checkpoint
 from distill_cli.config.build import TEACHER_SOURCE_KEYS, build_data
-from distill_cli.training.engine import predict
+from distill_cli.tasks.classification.evaluate import predict
 from distill_cli.errors import UserError
 from distill_cli.losses.self_distill import SelfDistill
 from distill_cli.runs.directory import check_run_dir
 from distill_cli.teachers.resolve import frozen_from_checkpoint
 from distill_cli.io import read_json, write_json
-from distill_cli.training.run import RunInterrupted, pick_device, run, validate
+from distill_cli.training.plan import pick_device, validate
+from distill_cli.training.run import RunInterrupted, run
 
 CE_LOSS = {"_target_": "distill_cli.losses.ce.CrossEntropy", "label_smoothing": 0.0}
 SELF_DISTILL_TARGET = f"{SelfDistill.__module__}.{SelfDistill.__qualname__}"

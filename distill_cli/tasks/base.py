@@ -1,0 +1,52 @@
+"""The task seam: what differs between kinds of distillation, and nothing else.
+
+Everything around a task is shared by every family: composition and recipes, the teacher store
+(a teacher is a `student` run of the same task with `teacher.train.loss`), checkpoints and exact
+resume, SIGTERM, the run-dir contract, logging and W&B, sweeps and the report. The engine asks
+the task for the training batches of an epoch, the model outputs of an evaluation split and the
+metrics of those outputs; the teacher-output store asks it for the shape of one stored row.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Task:
+    """Subclasses implement every method; `selection_metric` names the validation metric that
+    selects `best` (higher is better) and `report_columns` the summary keys a report shows."""
+
+    name: str = "task"
+    #: the validation metric that selects `best.pt` (higher is better)
+    selection_metric: str = "acc1"
+    #: summary.json keys a `distill-report` table shows for this task, with short headers
+    report_columns: dict[str, str] = {}
+
+    def build_model(self, node, key: str, data) -> nn.Module:
+        """The model a config node describes, shaped for `data` (student and teacher alike)."""
+        raise NotImplementedError
+
+    def train_batches(self, data, batch_size: int, data_seed: int, epoch: int,
+                      start_step: int, mix) -> Iterator[Any]:
+        """The batches of training epoch `epoch` from `start_step`: a pure function of
+        (data_seed, epoch, step), so resume and stored teacher outputs stay exact. Every batch
+        has `index` (positions in the training split) for stored outputs."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, split, batch_size: int, device: torch.device,
+                precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model outputs, targets) over an evaluation split in its fixed order."""
+        raise NotImplementedError
+
+    def score(self, outputs: torch.Tensor, targets: torch.Tensor,
+              reference: torch.Tensor | None = None) -> dict[str, float]:
+        """Metrics of `outputs` against `targets`, and against the teacher's `reference`
+        outputs when given (agreement)."""
+        raise NotImplementedError
+
+    def stored_row_shape(self, data) -> tuple[int, ...]:
+        """The shape of one sample's stored teacher output (the output store's row)."""
+        raise NotImplementedError

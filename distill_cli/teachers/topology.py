@@ -1,0 +1,218 @@
+"""Teacher topologies: where a run's teacher signal comes from, as objects.
+
+The launcher picks one (`choose` in training/run.py) from the objective's type and the teacher
+setup; the engine calls the hooks below and has no branch per topology:
+
+    begin_epoch(epoch)        before an epoch's first step (a stored table is loaded here)
+    train_logits(batch)       the signal an objective's step reads for `batch`
+    backward_loss(terms)      what one backward pass differentiates (the online teacher adds
+                              its own loss: each side sees the other detached)
+    zero_grad / clip_grad / step / train   the networks this topology trains, if any
+    state_dict / load_state_dict           their checkpoint entries (exact resume)
+    reference(split)          the teacher's outputs on an evaluation split (agreement)
+    references(split)         every teacher's outputs, by summary prefix (teacher/test/*)
+    epoch_metrics()           validation metrics tracked every epoch (a teacher that learns)
+    summary()                 summary.json fields: stored or live, output-store hit rate
+
+A new family adds a topology here (e.g. an online fake-score network that trains with its own
+optimizer and update ratio) without touching the engine.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distill_cli.numerics import quantise
+
+
+def frozen_logits(teacher: nn.Module, x: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
+    """A frozen teacher's forward, quantised to the output store's dtype so that a live run and
+    a stored-outputs run compute the same thing."""
+    with torch.inference_mode():
+        out = teacher(x)
+    # inference tensors cannot be saved for backward; a [B, C] copy is negligible
+    return quantise(out.float(), dtype).clone()
+
+
+class TeacherSignal:
+    """No teacher: nothing to read, nothing to train (CE, adversarial CE)."""
+
+    model: nn.Module | None = None   # the one teacher (frozen or online), else None
+    models: list[nn.Module] = []     # every teacher network this run holds
+
+    def __init__(self, task=None, data=None, eval_batch_size: int = 256, device=None,
+                 precision: str = "32"):
+        self.task, self.data = task, data
+        self.eval_batch_size, self.device, self.precision = eval_batch_size, device, precision
+
+    def begin_epoch(self, epoch: int) -> None:
+        pass
+
+    def train_logits(self, batch) -> torch.Tensor | None:
+        return None
+
+    def backward_loss(self, terms: dict) -> torch.Tensor:
+        return terms["loss"]
+
+    def zero_grad(self) -> None:
+        pass
+
+    def clip_grad(self, max_norm: float) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def train(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        pass
+
+    def reference(self, split: str) -> torch.Tensor | None:
+        return None
+
+    def references(self, split: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def epoch_metrics(self) -> dict:
+        return {}
+
+    def summary(self) -> dict:
+        return {}
+
+    def _predict(self, model: nn.Module, split: str) -> torch.Tensor:
+        return self.task.predict(model, getattr(self.data, split), self.eval_batch_size,
+                                 self.device, self.precision)[0]
+
+
+class FrozenTeacher(TeacherSignal):
+    """One frozen teacher, served from the output store (`outputs`) or run live every step.
+    `feeds_training`: the objective reads it (a CE baseline with a teacher only evaluates it)."""
+
+    def __init__(self, model: nn.Module, outputs=None, dtype: str = "float32",
+                 feeds_training: bool = True, **kw):
+        super().__init__(**kw)
+        self.model, self.models = model, [model]
+        self.outputs, self.dtype, self.feeds_training = outputs, dtype, feeds_training
+        self._table: torch.Tensor | None = None
+        self._cached: dict[str, torch.Tensor] = {}
+
+    def begin_epoch(self, epoch: int) -> None:
+        if self.outputs is not None and self.feeds_training:
+            self._table = self.outputs.train_table(epoch)
+
+    def train_logits(self, batch) -> torch.Tensor:
+        if self._table is not None:
+            return self._table.index_select(0, batch.index)
+        return frozen_logits(self.model, batch.x, self.dtype)
+
+    def _eval(self, split: str) -> torch.Tensor:
+        """Evaluation splits are never augmented: a frozen teacher's outputs are fixed."""
+        if split not in self._cached:
+            self._cached[split] = (self.outputs.eval_table(split, self.eval_batch_size)
+                                   if self.outputs is not None else
+                                   self._predict(self.model, split))
+        return self._cached[split]
+
+    def reference(self, split: str) -> torch.Tensor:
+        return self._eval(split)
+
+    def summary(self) -> dict:
+        return self.outputs.stats() if self.outputs is not None else {"teacher/outputs": "live"}
+
+    def references(self, split: str) -> dict[str, torch.Tensor]:
+        return {"teacher": self._eval(split)}
+
+
+class TeacherPool(TeacherSignal):
+    """Several frozen teachers: `[K, B, C]` stacked outputs, stored (a `PoolOutputs`) or live."""
+
+    def __init__(self, models: list[nn.Module], outputs=None, dtype: str = "float32", **kw):
+        super().__init__(**kw)
+        self.models, self.outputs, self.dtype = list(models), outputs, dtype
+        self._table: torch.Tensor | None = None
+
+    def begin_epoch(self, epoch: int) -> None:
+        if self.outputs is not None:
+            self._table = self.outputs.train_table(epoch)
+
+    def train_logits(self, batch) -> torch.Tensor:
+        if self._table is not None:   # [N, K, C] rows -> [K, B, C]
+            return self._table.index_select(0, batch.index).transpose(0, 1)
+        return torch.stack([frozen_logits(t, batch.x, self.dtype) for t in self.models])
+
+    def summary(self) -> dict:
+        return self.outputs.stats() if self.outputs is not None else {"teacher/outputs": "live"}
+
+    def references(self, split: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, model in enumerate(self.models):
+            out[f"teachers/{i}"] = (self.outputs.members[i].eval_table(split, self.eval_batch_size)
+                                    if self.outputs is not None else self._predict(model, split))
+        return out
+
+
+class OnlineTeacher(TeacherSignal):
+    """A teacher that trains alongside the student (BD-KD): train mode, its own optimizer and
+    scheduler, saved in checkpoints. Its loss comes back in the step's terms as `teacher_loss`
+    (the objective computes it on the student's detached outputs), so one backward trains both."""
+
+    def __init__(self, model: nn.Module, optimizer, scheduler, **kw):
+        super().__init__(**kw)
+        self.model, self.models = model, [model]
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self._val: torch.Tensor | None = None
+
+    def train_logits(self, batch) -> torch.Tensor:
+        return self.model(batch.x).float()   # with gradient: the teacher learns too
+
+    def backward_loss(self, terms: dict) -> torch.Tensor:
+        return terms["loss"] + terms["teacher_loss"]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def clip_grad(self, max_norm: float) -> None:
+        nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def train(self) -> None:
+        self.model.train()
+
+    def state_dict(self) -> dict:
+        return {"teacher_model": self.model.state_dict(),
+                "teacher_optimizer": self.optimizer.state_dict(),
+                "teacher_scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["teacher_model"])
+        self.optimizer.load_state_dict(ckpt["teacher_optimizer"])
+        self.scheduler.load_state_dict(ckpt["teacher_scheduler"])
+
+    def reference(self, split: str) -> torch.Tensor:
+        """Recomputed every call: the teacher changes every step."""
+        out = self._predict(self.model, split)
+        if split == "val":
+            self._val = out
+        return out
+
+    def references(self, split: str) -> dict[str, torch.Tensor]:
+        return {"teacher": self.reference(split)}
+
+    def summary(self) -> dict:
+        return {"teacher/outputs": "live"}
+
+    def epoch_metrics(self) -> dict:
+        """The online teacher is a trained result too: its validation metrics every epoch
+        (from the reference the epoch's evaluation just computed)."""
+        if self._val is None:
+            return {}
+        t_val = self.task.score(self._val, self.data.val.targets)
+        return {f"val/teacher_{k}": v for k, v in t_val.items() if k != "n"}

@@ -1,0 +1,92 @@
+"""Everything a run checks before anything expensive happens: the values a user types, the
+objective and every option that can be refused, and the device."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distill_cli.config.build import build_objective, build_task, model_node
+from distill_cli.data import unlabeled
+from distill_cli.data.mixing import MIX_OFF, MixSpec
+from distill_cli.errors import UserError
+from distill_cli.evaluation.adversarial import pgd_settings
+from distill_cli.losses.base import Objective
+from distill_cli.tasks.base import Task
+from distill_cli.teachers.resolve import check_teachers
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks of values a user types, before anything expensive happens."""
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
+                "optimizer.lr"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"`{key}` must be a positive number, got {value!r}", key,
+                            f"Pass e.g. {key}=" + ("0.05" if key == "optimizer.lr" else "10"))
+    if str(cfg.trainer.precision) not in ("32", "bf16"):
+        raise UserError(f"trainer.precision={cfg.trainer.precision} is not supported",
+                        "trainer.precision", "Use 32 or bf16")
+    if cfg.trainer.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"trainer.device={cfg.trainer.device} is not supported",
+                        "trainer.device", "Use auto, cpu or cuda")
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but no CUDA device is available", "trainer.device",
+                        "Use trainer.device=auto or cpu")
+    if model_node(cfg.student) is None:
+        raise UserError("student=none: a run needs a student to train", "student",
+                        "Pick an architecture, e.g. student=resnet8")
+
+
+def mia_settings(cfg: DictConfig, objective) -> dict | None:
+    """`membership_auc` keyword arguments when `eval.mia` asks for it (auto: the objective's
+    `measures_privacy`), else None."""
+    mode = OmegaConf.select(cfg, "eval.mia", default="auto")
+    if mode not in ("auto", True, False):
+        raise UserError(f"eval.mia={mode} is not an option", "eval.mia", "Use auto, true or false")
+    if not (objective.measures_privacy if mode == "auto" else mode):
+        return None
+    limit = OmegaConf.select(cfg, "eval.mia_max_samples", default=None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"eval.mia_max_samples={limit} must be a positive integer or null",
+                        "eval.mia_max_samples", "Use e.g. 10000")
+    return {"batch_size": int(cfg.trainer.eval_batch_size), "max_samples": limit,
+            "seed": int(cfg.seed)}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, checked: the task, the objective, batch mixing, membership inference
+    and PGD settings (None = off), and whether the student trains without labels."""
+
+    task: Task
+    objective: Objective
+    mix: MixSpec
+    mia: dict | None
+    label_free: bool
+    pgd: dict | None
+
+
+def checked_plan(cfg: DictConfig) -> Plan:
+    """The objective and every run option that can be refused, checked before anything
+    expensive."""
+    task = build_task(cfg.task)
+    objective = build_objective(cfg.loss)
+    mix = MixSpec.from_config(cfg.augment.mix)
+    if mix.enabled and not objective.accepts_soft_targets:
+        raise UserError(f"loss={type(objective).__name__} indexes by the hard label, so it "
+                        "cannot train on mixup/CutMix batches (their targets are label "
+                        "mixtures)", "augment.mix",
+                        f"Turn mixing off ({MIX_OFF}) or pick another loss")
+    check_teachers(cfg, objective)
+    mia = mia_settings(cfg, objective)
+    label_free = unlabeled.check(cfg.dataset, objective, mix.enabled, mia is not None)
+    pgd = pgd_settings(cfg)   # eval.pgd: validated now, run after training
+    return Plan(task, objective, mix, mia, label_free, pgd)

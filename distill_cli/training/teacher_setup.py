@@ -1,0 +1,63 @@
+"""The run's teacher topology, chosen once from the objective's TYPE and the teacher setup:
+
+    PoolObjective     -> TeacherPool     (the `teachers` list; stored tables unless it steps itself)
+    no teacher        -> TeacherSignal   (nothing to read)
+    OnlineObjective   -> OnlineTeacher   (a fresh teacher with its own optimizer and scheduler)
+    anything else     -> FrozenTeacher   (stored outputs when possible, else live)
+
+The engine only calls the topology's hooks (teachers/topology.py).
+"""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from distill_cli.config.build import build_optimizer, build_scheduler
+from distill_cli.losses.base import OnlineObjective, PoolObjective
+from distill_cli.teachers.outputs import outputs_for_pool, outputs_for_run
+from distill_cli.teachers.pool import resolve_pool
+from distill_cli.teachers.resolve import resolve_teacher
+from distill_cli.teachers.topology import (FrozenTeacher, OnlineTeacher, TeacherPool,
+                                           TeacherSignal)
+
+
+def teacher_models(cfg: DictConfig, objective, data, device, reporter, tty, train) -> tuple:
+    """(teacher or None, pool [(entry config, model, info)] or [], summary info): the one
+    teacher (store, checkpoint or online), or a `PoolObjective`'s pool (its scores set)."""
+    if not isinstance(objective, PoolObjective):
+        teacher, info = resolve_teacher(cfg, data, device, reporter, tty, train,
+                                        online=isinstance(objective, OnlineObjective))
+        return teacher, [], info
+    pool, scores, info = resolve_pool(cfg, data, device, reporter, tty, train)
+    objective.set_scores(scores)
+    info["teachers/weights"] = objective.teacher_weights.tolist()
+    return None, pool, info
+
+
+def optimizer_and_schedule(opt_node, sched_node, params: list, steps_per_epoch: int,
+                           epochs: int) -> tuple:
+    optimizer = build_optimizer(opt_node, params)
+    return optimizer, build_scheduler(sched_node, optimizer, steps_per_epoch, epochs)
+
+
+def choose_topology(cfg: DictConfig, *, task, objective, teacher, pool: list, teacher_info: dict,
+                    data, device, reporter, mix, steps_per_epoch: int) -> TeacherSignal:
+    common = dict(task=task, data=data, eval_batch_size=int(cfg.trainer.eval_batch_size),
+                  device=device, precision=cfg.trainer.precision)
+    dtype = str(cfg.teacher.outputs_dtype)
+    row = task.stored_row_shape(data)
+    if isinstance(objective, PoolObjective):
+        outputs = outputs_for_pool(pool, objective, data, device, reporter, mix, row)
+        return TeacherPool([model for _, model, _ in pool], outputs, dtype, **common)
+    if teacher is None:
+        return TeacherSignal(**common)
+    if isinstance(objective, OnlineObjective):
+        # its own optimizer/scheduler (default: the student's settings)
+        optimizer, scheduler = optimizer_and_schedule(
+            cfg.loss.get("teacher_optimizer", cfg.optimizer),
+            cfg.loss.get("teacher_scheduler", cfg.scheduler), list(teacher.parameters()),
+            steps_per_epoch, int(cfg.trainer.epochs))
+        return OnlineTeacher(teacher, optimizer, scheduler, **common)
+    outputs = outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporter, mix,
+                              row)
+    return FrozenTeacher(teacher, outputs, dtype, feeds_training=objective.needs_teacher,
+                         **common)
