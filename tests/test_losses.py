@@ -111,7 +111,7 @@ def test_yaml_matches_class_defaults(name, cls):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     obj = instantiate(cfg)
     assert type(obj) is cls
-    opts = OmegaConf.to_container(cfg, resolve=True)  # dkd's warm-up reads loss_options
+    opts = OmegaConf.to_container(cfg, resolve=True)
     opts.pop("_target_")
     params = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
               if k != "self"}
