@@ -30,7 +30,7 @@ run: install data  ## the main job: quickstart sweep (teacher once; CE, KD, DKD 
 	$(VENV)/bin/distill-report $$sweep --plot $$sweep/report.png && \
 	echo "report plot: $$sweep/report.png"
 
-test: install data  ## the test suite (~10 min on 2 cores); slow tests: make test-slow
+test: install data  ## the test suite (~3.5 min on 2 cores); slow tests: make test-slow
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-slow: install data  ## also the slow, longer real-data tests

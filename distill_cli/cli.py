@@ -1,4 +1,6 @@
-"""Console entry points only. `distill` = Hydra app over conf/ (+ recipes/ as group `recipe`)."""
+"""Console entry points only. `distill` = Hydra app over the package's conf/ (recipes are its group
+`recipe`), found through Hydra's package search path: any install, any working directory.
+`python -m distill_cli` is `distill` (distill_cli/__main__.py)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from distill_cli.config.paths import CONF_DIR
+from distill_cli.config.paths import CONF_PACKAGE
 
 _task_started = False
 
@@ -28,13 +30,13 @@ def _run_task(task, cfg: DictConfig) -> None:
         sys.exit(stop.exit_code)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="config")
 def _distill(cfg: DictConfig) -> None:
     from distill_cli.training.launch import launch
     _run_task(launch, cfg)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")
+@hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="search")
 def _search(cfg: DictConfig) -> None:
     from distill_cli.search.student_search import search
     _run_task(search, cfg)
@@ -112,7 +114,7 @@ def teachers_main(argv: list[str] | None = None) -> None:
     from distill_cli.errors import UserError
     from distill_cli.teachers.store import default_root
     from distill_cli.reporting.tracking import make_console
-    from distill_cli.teachers.resolve import list_stored, prune_stored
+    from distill_cli.teachers.commands import list_stored, prune_stored
 
     parser = argparse.ArgumentParser(prog="distill-teachers",
                                      description="The teacher store: teachers trained once and "

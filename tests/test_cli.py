@@ -18,12 +18,12 @@ DISTILL = str(Path(sys.executable).parent / "distill")
 GROUPS = ["teacher", "student", "loss", "dataset", "optimizer", "scheduler", "trainer", "logger"]
 
 
-def distill(*args, tmp_path, env=None, timeout=300, check_rc=None):
+def distill(*args, tmp_path, env=None, timeout=300, check_rc=None, prog=(DISTILL,), cwd=None):
     full_env = {**os.environ, "DISTILL_OUTPUTS": str(tmp_path / "outputs"),
                 "DISTILL_MULTIRUN": str(tmp_path / "multirun"), "WANDB_MODE": "disabled",
                 "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([DISTILL, *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout)
+    proc = subprocess.run([*prog, *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=cwd)
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -42,6 +42,23 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     out = distill("--cfg", "job", "student=wrn_16_2", "loss=dkd", tmp_path=tmp_path,
                   check_rc=0).stdout
     assert "arch: wrn_16_2" in out and "distill_cli.losses.dkd.DKD" in out and "seed: 0" in out
+
+
+def test_python_m_distill_cli_is_distill_from_any_directory(tmp_path):
+    """`python -m distill_cli` (what torchrun starts) is `distill`, run from outside the
+    checkout: the configs come from the package, not the working directory."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    python_m = (sys.executable, "-m", "distill_cli")
+    args = ("--cfg", "job", "student=wrn_16_2", "loss=dkd")
+    out = distill(*args, tmp_path=tmp_path, prog=python_m, cwd=elsewhere, check_rc=0).stdout
+    assert "arch: wrn_16_2" in out and "distill_cli.losses.dkd.DKD" in out and "seed: 0" in out
+    assert out == distill(*args, tmp_path=tmp_path, cwd=elsewhere, check_rc=0).stdout
+    assert "recipe: " in distill("--help", tmp_path=tmp_path, prog=python_m, cwd=elsewhere,
+                                 check_rc=0).stdout
+    proc = distill("loss=nope", tmp_path=tmp_path, prog=python_m, cwd=elsewhere, check_rc=2)
+    assert "Could not find 'loss/nope'" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(elsewhere.iterdir()) == []  # no run dir, no outputs/ in the working directory
 
 
 def test_shell_completion_script(tmp_path):
