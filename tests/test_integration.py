@@ -143,3 +143,24 @@ def test_real_fashion_mnist_run_of_a_few_hundred_steps(tmp_path):
                   tmp_path / "fm", tty=False)
     assert summary["step"] == 200
     assert summary["best/test/acc1"] > 75.0  # chance is 10%; ~80% after 200 steps
+
+
+def test_a_checkpoint_from_before_the_task_seam_resumes_exactly(tmp_path, digits_teacher):
+    """A last.pt written before the task seam (state `best_acc1`, no `task` node, a
+    `loss_options` node) continues like any other: same final weights as an uninterrupted run."""
+    base = DIGITS + ["teacher=resnet8", f"teacher.checkpoint={digits_teacher}",
+                     "student=mlp", "loss=kd"]
+    full = tmp_path / "full"
+    run(make_cfg(base), full, tty=False)
+    parted = tmp_path / "parted"
+    with pytest.raises(RunInterrupted):
+        run(make_cfg(base + ["trainer.stop_at_step=25"]), parted, tty=False)
+    last = parted / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["state"]["best_acc1"] = ckpt["state"].pop("best_score")
+    del ckpt["config"]["task"]
+    ckpt["config"]["loss_options"] = {}
+    torch.save(ckpt, last)
+    run(make_cfg(base + ["trainer.resume=auto"]), parted, tty=False)
+    a, b = _final_weights(full), _final_weights(parted)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -19,26 +19,28 @@ from pathlib import Path
 
 import yaml  # PyYAML comes with omegaconf
 
+from distill_cli import keys
 from distill_cli.errors import UserError
 from distill_cli.reporting.tracking import make_console
 from distill_cli.io import read_json
+from distill_cli.tasks.classification.columns import REPORT_COLUMNS
 
-MAIN_METRIC = "best/test/acc1"
+MAIN_METRIC = keys.BEST_TEST_ACC1
 FORMATS = ("table", "md", "csv", "json")
 # Keys that identify what was trained even when the overrides agree (e.g. other defaults).
-IDENTITY = ("dataset", "student", "teacher", "loss")
+IDENTITY = (keys.DATASET, keys.STUDENT, keys.TEACHER_ARCH, keys.LOSS)
 # Overrides naming a location, not a configuration: they differ per job (a per-seed teacher
 # checkpoint, hydra.run.dir, trainer.resume) and must neither split a group nor label it.
 _PATH_KEY = re.compile(r"(^|[._])(dir|path|root|file|checkpoint|resume)$")
 _LOWER_IS_BETTER = ("ece", "nll", "wall")
-_TEXT = ("config", "status")
-SHORT = {"best/test/acc1": "best acc1", "last/test/acc1": "last acc1", "best/test/ece": "ece",
-         "gain": "gain vs CE", "teacher/test/acc1": "teacher acc1", "wall_s": "wall s",
-         "best/test/pgd_acc1": "pgd acc1"}
-ALIASES = {"best": "best/test/acc1", "last": "last/test/acc1", "ece": "best/test/ece",
-           "teacher": "teacher/test/acc1", "wall": "wall_s", "pgd": "best/test/pgd_acc1"}
+_TEXT = ("config", keys.STATUS)
+# column headers: the task's (one home for them); a column not named there shows its key
+SHORT = REPORT_COLUMNS
+ALIASES = {"best": keys.BEST_TEST_ACC1, "last": keys.LAST_TEST_ACC1, "ece": keys.BEST_TEST_ECE,
+           "teacher": keys.TEACHER_TEST_ACC1, "wall": keys.WALL_S,
+           "pgd": keys.BEST_TEST_PGD_ACC1}
 # reported as mean ± std when any run has them (robust accuracy: `eval.pgd.steps > 0`)
-OPTIONAL = ("best/test/pgd_acc1",)
+OPTIONAL = (keys.BEST_TEST_PGD_ACC1,)
 
 
 @dataclass
@@ -75,13 +77,13 @@ def _num(v) -> bool:  # a number that can be ranked and plotted
 def _load(run_dir: Path) -> Run:
     summary = read_json(run_dir / "summary.json")
     summary = summary if isinstance(summary, dict) else None
-    overrides = (summary or {}).get("overrides")
+    overrides = (summary or {}).get(keys.OVERRIDES)
     if overrides is None:  # no summary: the job's own record of its command line
         try:
             overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
         except (OSError, yaml.YAMLError):
             overrides = None
-    status = str(summary.get("status") or "unknown") if summary else "missing"
+    status = str(summary.get(keys.STATUS) or "unknown") if summary else "missing"
     overrides = overrides if isinstance(overrides, list) else []
     return Run(run_dir, status, summary, [str(o) for o in overrides])
 
@@ -151,8 +153,8 @@ def group(runs: list[Run]) -> list[Group]:
     for (cfg, _), members in buckets.items():
         cfg = dict(cfg)
         label = " ".join(f"{k}={cfg[k]}" for k in varying if k in cfg)
-        label = label or next((str(r.summary["loss"]) for r in members
-                               if r.summary and r.summary.get("loss")), "(defaults)")
+        label = label or next((str(r.summary[keys.LOSS]) for r in members
+                               if r.summary and r.summary.get(keys.LOSS)), "(defaults)")
         seen[label] += 1  # same overrides, different identity (e.g. other code defaults)
         groups.append(Group(label + (f" #{seen[label]}" if seen[label] > 1 else ""),
                             cfg, members))
@@ -171,9 +173,9 @@ def _mean(runs: list[Run], key: str) -> float | None:
 def _baseline(g: Group, groups: list[Group]) -> Group | None:
     """The CE group of the same student and dataset; if several (e.g. an lr sweep), the one
     sharing the most overrides with `g`; a tie gives no baseline rather than a guess."""
-    cands = [c for c in groups if c.finished and c.info("loss") == "CrossEntropy"
-             and (c.info("student"), c.info("dataset")) == (g.info("student"),
-                                                            g.info("dataset"))]
+    cands = [c for c in groups if c.finished and c.info(keys.LOSS) == "CrossEntropy"
+             and (c.info(keys.STUDENT), c.info(keys.DATASET)) == (g.info(keys.STUDENT),
+                                                                  g.info(keys.DATASET))]
     if not cands:
         return None
     score = {id(c): len(set(c.overrides.items()) & set(g.overrides.items())) for c in cands}
@@ -187,22 +189,22 @@ def summarize(groups: list[Group], metric: str = MAIN_METRIC) -> list[dict]:
     for g in groups:
         fin = g.finished
         row = {"config": g.label, **{k: g.info(k) for k in IDENTITY}, "n": len(fin)}
-        for key in dict.fromkeys([metric, "best/test/acc1", "last/test/acc1", *OPTIONAL]):
+        for key in dict.fromkeys([metric, keys.BEST_TEST_ACC1, keys.LAST_TEST_ACC1, *OPTIONAL]):
             v = _values(fin, key)
             row[key] = statistics.mean(v) if v else None
             row[key + "_std"] = statistics.stdev(v) if len(v) > 1 else None
         base = _baseline(g, groups)
         base_mean = _mean(base.finished, metric) if base else None
-        row["gain"] = (row[metric] - base_mean
-                       if row[metric] is not None and base_mean is not None else None)
-        for key in ("best/test/ece", "teacher/test/acc1", "wall_s"):
+        row[keys.GAIN] = (row[metric] - base_mean
+                          if row[metric] is not None and base_mean is not None else None)
+        for key in (keys.BEST_TEST_ECE, keys.TEACHER_TEST_ACC1, keys.WALL_S):
             row.setdefault(key, _mean(fin, key))
-        row["seeds"] = sorted(r.summary.get("seed") for r in fin
-                              if isinstance(r.summary.get("seed"), int))
+        row["seeds"] = sorted(r.summary.get(keys.SEED) for r in fin
+                              if isinstance(r.summary.get(keys.SEED), int))
         others = Counter(r.status for r in g.runs if r.status != "finished")
         # Same config and seed twice (a sweep launched again): pooled, but said so.
         others["repeated seed"] = len(row["seeds"]) - len(set(row["seeds"]))
-        row["status"] = ", ".join(f"{n} {s}" for s, n in sorted(others.items()) if n) or "ok"
+        row[keys.STATUS] = ", ".join(f"{n} {s}" for s, n in sorted(others.items()) if n) or "ok"
         row["runs"] = {str(r.path): r.status for r in g.runs}
         rows.append(row)
     return rows
@@ -225,20 +227,20 @@ def sort_rows(rows: list[dict], column: str, reverse: bool = False) -> list[dict
 # --------------------------------------------------------------------------- output
 def _columns(metric: str, rows: list[dict]) -> list[str]:
     optional = [k for k in OPTIONAL if any(r.get(k) is not None for r in rows)]
-    return ["config", "n", *dict.fromkeys([metric, "best/test/acc1", "last/test/acc1",
+    return ["config", "n", *dict.fromkeys([metric, keys.BEST_TEST_ACC1, keys.LAST_TEST_ACC1,
                                            *optional]),
-            "best/test/ece", "gain", "teacher/test/acc1", "wall_s", "status"]
+            keys.BEST_TEST_ECE, keys.GAIN, keys.TEACHER_TEST_ACC1, keys.WALL_S, keys.STATUS]
 
 
 def _cell(row: dict, key: str) -> str:
     v = row.get(key)
     if v is None or isinstance(v, str) or key == "n":
         return "" if v is None else str(v)
-    if key == "gain":
+    if key == keys.GAIN:
         return f"{v:+.2f}"
     if "ece" in key:
         return f"{v:.4f}"
-    if key == "wall_s":
+    if key == keys.WALL_S:
         return f"{v:.0f}"
     std = row.get(key + "_std")
     return f"{v:.2f} ± {std:.2f}" if std is not None else f"{v:.2f}"
@@ -250,8 +252,8 @@ def render(rows: list[dict], fmt: str, metric: str = MAIN_METRIC) -> str:
         return json.dumps([{k: v if not _number(v) or _num(v) else None for k, v in r.items()}
                            for r in rows], indent=2)
     if fmt == "csv":
-        buf, keys = io.StringIO(), [k for k in rows[0] if k not in ("seeds", "runs")]
-        writer = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
+        buf, names = io.StringIO(), [k for k in rows[0] if k not in ("seeds", "runs")]
+        writer = csv.DictWriter(buf, names, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
@@ -271,7 +273,7 @@ def print_table(rows: list[dict], metric: str = MAIN_METRIC, title: str | None =
         table.add_column(SHORT.get(c, c), justify="left" if c in _TEXT else "right")
     for r in rows:
         table.add_row(*(_cell(r, c) for c in cols),
-                      style=None if r["status"] == "ok" else "yellow")
+                      style=None if r[keys.STATUS] == "ok" else "yellow")
     # A pipe gets a wide console: rich's 80-column default would fold the numbers.
     make_console().print(table)
 
@@ -291,7 +293,8 @@ def plot(rows: list[dict], out: Path, metric: str = MAIN_METRIC) -> None:
     ax = fig.add_subplot()
     ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue")
     ax.set_xticks(range(len(rows)), [r["config"] for r in rows], rotation=30, ha="right")
-    ce = {(r["student"], r["dataset"]): r[metric] for r in rows if r["loss"] == "CrossEntropy"}
+    ce = {(r[keys.STUDENT], r[keys.DATASET]): r[metric] for r in rows
+          if r[keys.LOSS] == "CrossEntropy"}
     for i, ((student, _), value) in enumerate(ce.items()):
         ax.axhline(value, ls="--", color=f"C{i + 1}", lw=1.2, label=f"CE baseline, {student}")
     if ce:
@@ -315,9 +318,9 @@ def report(paths, metric: str = MAIN_METRIC, sort: str | None = None, reverse: b
                         "sweep dir (multirun/<date>/<time>) or run dirs holding summary.json")
     finished = [r for r in runs if r.status == "finished"]
     if finished and not _values(finished, metric):
-        keys = sorted({k for r in finished for k, v in r.summary.items() if _num(v)})
+        numeric = sorted({k for r in finished for k, v in r.summary.items() if _num(v)})
         raise UserError(f"--metric {metric}: no finished run has it",
-                        fix="Numeric keys of summary.json: " + ", ".join(keys))
+                        fix="Numeric keys of summary.json: " + ", ".join(numeric))
     rows = sort_rows(summarize(group(runs), metric), sort or metric, reverse)
     if fmt == "table":
         print_table(rows, metric, title=f"{len(runs)} runs, {len(rows)} configs")

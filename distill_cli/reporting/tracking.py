@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from distill_cli import keys
 from distill_cli.io import atomic_write_bytes
 
 
@@ -28,7 +29,7 @@ class MetricsFile:
         if not self.path.exists():
             return
         keep = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
+                if ln.strip() and json.loads(ln).get(keys.EPOCH, 0) <= epoch]
         data = "".join(ln + "\n" for ln in keep).encode()
         atomic_write_bytes(self.path, lambda fh: fh.write(data))
 
@@ -82,9 +83,10 @@ class ConsoleReporter:
                   flush=True)
 
     def epoch_end(self, row: dict) -> None:
-        keys = ["val/acc1", "val/nll", "val/ece", "val/agreement", "train/images_per_s"]
-        text = f"epoch {row['epoch']:>3} | " + " | ".join(
-            f"{k} {row[k]:.4g}" for k in keys if k in row)
+        shown = [*(keys.join(keys.VAL, m) for m in ("acc1", "nll", "ece", "agreement")),
+                 keys.TRAIN_IMAGES_PER_S]
+        text = f"epoch {row[keys.EPOCH]:>3} | " + " | ".join(
+            f"{k} {row[k]:.4g}" for k in shown if k in row)
         if self.progress is not None:
             self.progress.console.print(text)
         else:
@@ -99,9 +101,9 @@ class ConsoleReporter:
         table = Table(title=title, show_header=True)
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for key in ("status", "epochs", "best/epoch", "best/val/acc1", "best/test/acc1",
-                    "last/test/acc1", "best/test/ece", "teacher/test/acc1",
-                    "train/images_per_s", "wall_s"):
+        for key in (keys.STATUS, keys.EPOCHS, keys.BEST_EPOCH, keys.BEST_VAL_ACC1,
+                    keys.BEST_TEST_ACC1, keys.LAST_TEST_ACC1, keys.BEST_TEST_ECE,
+                    keys.TEACHER_TEST_ACC1, keys.TRAIN_IMAGES_PER_S, keys.WALL_S):
             if key in summary and summary[key] is not None:
                 v = summary[key]
                 table.add_row(key, f"{v:.2f}" if isinstance(v, float) else str(v))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from distill_cli import keys
 from distill_cli.errors import UserError
 from distill_cli.io import read_json
 
@@ -13,10 +14,13 @@ LAST = Path("checkpoints") / "last.pt"
 # Keys that may differ when a run is continued (they do not change what is computed).
 RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.log_every_n_steps",
                     "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger",
-                    "trainer.channels_last", "trainer.compile", "teacher.outputs", "eval")
+                    "trainer.channels_last", "trainer.compile", "teacher.outputs", "eval",
+                    # removed (recipe_loss/ replaced it); its values show in `loss.*` anyway
+                    "loss_options")
 # Keys added after checkpoints already existed, with the value that reproduces what those runs
 # computed: a checkpoint without the key counts as having that value.
-ADDED_KEYS = {"teachers": [], "self_distill.generations": 0, "self_distill.alpha": 0.5}
+ADDED_KEYS = {"teachers": [], "self_distill.generations": 0, "self_distill.alpha": 0.5,
+              "task._target_": "distill_cli.tasks.classification.task.ClassificationTask"}
 
 
 def check_run_dir(run_dir: Path, resume: str | None) -> bool:
@@ -25,11 +29,11 @@ def check_run_dir(run_dir: Path, resume: str | None) -> bool:
     run_dir = Path(run_dir)
     summary = read_json(run_dir / "summary.json") or {}
     has_last = (run_dir / LAST).is_file()
-    status = summary.get("status")
+    status = summary.get(keys.STATUS)
     if resume == "auto":
         # a self-distillation run (`generations` in its summary) is made of generation run dirs
         # and has no last.pt of its own: it continues from them
-        if not has_last and "generations" not in summary:
+        if not has_last and keys.GENERATIONS not in summary:
             raise UserError(f"trainer.resume=auto but {run_dir} has no checkpoints/last.pt "
                             "to continue", "trainer.resume",
                             "Point hydra.run.dir at the run to continue, pass "
@@ -79,11 +83,11 @@ def check_same_run(cfg: DictConfig, ckpt: dict) -> None:
 
 
 def _flat_keys(d: dict, prefix: str = "") -> set[str]:
-    keys = set()
+    flat = set()
     for k, v in d.items():
         key = f"{prefix}{k}"
-        keys |= _flat_keys(v, key + ".") if isinstance(v, dict) and v else {key}
-    return keys
+        flat |= _flat_keys(v, key + ".") if isinstance(v, dict) and v else {key}
+    return flat
 
 
 def _get(d: dict, dotted: str, missing=None):

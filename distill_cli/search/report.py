@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distill_cli import keys
 from distill_cli.reporting.tracking import ConsoleReporter
 from distill_cli.io import write_json
 
@@ -15,7 +16,7 @@ def _fmt(v, spec: str) -> str:
 def table_rows(result: dict) -> list[list[str]]:
     return [[str(r["rank"]), r["candidate"], f"{r['params']:,}", f"{r['macs']:,}",
              _fmt(r["d_sem"], ".4g"), _fmt(r["d_rel"], ".4g"), f"{r['score']:.5g}",
-             f"{r['wall_s']:.2f}"] for r in result["rows"]]
+             f"{r[keys.WALL_S]:.2f}"] for r in result["rows"]]
 
 
 HEADERS = ["rank", "candidate", "params", "FLOPs (MACs)", "D_sem", "D_rel", "score", "wall s"]
@@ -34,11 +35,11 @@ def print_table(result: dict, reporter: ConsoleReporter) -> None:
     reporter.console.print(table)
     if result["train"]:
         trained = Table(title="distilled top-k")
-        for h in ("rank", "candidate", "best/test/acc1", "status", "run dir"):
+        for h in ("rank", "candidate", keys.BEST_TEST_ACC1, "status", "run dir"):
             trained.add_column(h)
         for r in result["train"]:
-            trained.add_row(str(r["rank"]), r["candidate"], _fmt(r["best/test/acc1"], ".2f"),
-                            r["status"], r["run_dir"])
+            trained.add_row(str(r["rank"]), r["candidate"], _fmt(r[keys.BEST_TEST_ACC1], ".2f"),
+                            r[keys.STATUS], r[keys.RUN_DIR])
         reporter.console.print(trained)
 
 
@@ -55,10 +56,10 @@ def markdown(result: dict) -> str:
     lines += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
     if result["train"]:
-        lines += ["", "## Distilled top-k", "", "| rank | candidate | best/test/acc1 | status |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['rank']} | {r['candidate']} | {_fmt(r['best/test/acc1'], '.2f')} | "
-                  f"{r['status']} |" for r in result["train"]]
+        lines += ["", "## Distilled top-k", "",
+                  f"| rank | candidate | {keys.BEST_TEST_ACC1} | status |", "|---|---|---|---|"]
+        lines += [f"| {r['rank']} | {r['candidate']} | {_fmt(r[keys.BEST_TEST_ACC1], '.2f')} | "
+                  f"{r[keys.STATUS]} |" for r in result["train"]]
     return "\n".join(lines) + "\n"
 
 

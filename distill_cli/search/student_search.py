@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from distill_cli import keys
 from distill_cli.config.build import build_data, build_model, model_node
 from distill_cli.seeding import derive_seed
 from distill_cli.evaluation.diswot import combine, init_seed, penultimate_width, probe_network
@@ -140,7 +141,7 @@ def search(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None 
         teacher, teacher_info = resolve_teacher(cfg, data, device, reporter, tty, train=run)
     else:   # only the architecture matters: it is Gaussian re-initialised like the students
         teacher = build_model(cfg.teacher, "teacher", data).to(device)
-        teacher_info = {"teacher/source": "random init (Gaussian)"}
+        teacher_info = {keys.TEACHER_SOURCE: "random init (Gaussian)"}
     t_width = penultimate_width(teacher)
 
     semantic, note = _semantic_switch(opts["semantic"], t_width, widths, nodes)
@@ -168,20 +169,20 @@ def search(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None 
                      "params": count_params(student),
                      "macs": count_macs(student, data.input_shape, device),
                      "width": widths[i], "d_sem": result.d_sem, "d_rel": result.d_rel,
-                     "score": result.score, "wall_s": wall})
+                     "score": result.score, keys.WALL_S: wall})
     rows.sort(key=lambda r: (-r["score"], r["index"]))
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
 
-    result = {"status": "scored", "run_dir": str(run_dir), "dataset": data.name,
+    result = {keys.STATUS: "scored", keys.RUN_DIR: str(run_dir), "dataset": data.name,
               "teacher": {"arch": teacher_node.arch, "config": OmegaConf.to_container(
                   teacher_node, resolve=True), "params": count_params(teacher),
                   "macs": count_macs(teacher, data.input_shape, device), "width": t_width,
                   "weights": opts["teacher_weights"], "probe_wall_s": teacher_wall,
-                  **{k.split("/", 1)[1]: v for k, v in teacher_info.items()}},
+                  **{k.split(keys.SEP, 1)[1]: v for k, v in teacher_info.items()}},
               "batch_size": int(opts["batch_size"]), "seed": seed, "semantic": semantic,
               "relation": opts["relation"], "note": note, "rows": rows, "train": [],
-              "wall_s": time.time() - started}
+              keys.WALL_S: time.time() - started}
     run_dir.mkdir(parents=True, exist_ok=True)
     write_result(run_dir, result)
     print_table(result, reporter)
@@ -193,15 +194,17 @@ def search(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None 
                            f"{child_dir}")
             summary = run(child_config(cfg, row["config"]), child_dir, tty=tty, data=data)
             result["train"].append({"rank": row["rank"], "candidate": row["candidate"],
-                                    "run_dir": str(child_dir), "status": summary["status"],
+                                    keys.RUN_DIR: str(child_dir),
+                                    keys.STATUS: summary[keys.STATUS],
                                     **{k: summary.get(k) for k in (
-                                        "best/val/acc1", "best/test/acc1", "last/test/acc1",
-                                        "teacher/test/acc1", "wall_s")}})
+                                        keys.BEST_VAL_ACC1, keys.BEST_TEST_ACC1,
+                                        keys.LAST_TEST_ACC1, keys.TEACHER_TEST_ACC1,
+                                        keys.WALL_S)}})
             write_result(run_dir, result)
-        result["status"] = "trained"
+        result[keys.STATUS] = "trained"
     else:
-        result["status"] = "finished"
-    result["wall_s"] = time.time() - started
+        result[keys.STATUS] = "finished"
+    result[keys.WALL_S] = time.time() - started
     write_result(run_dir, result)
     if result["train"]:
         print_table(result, reporter)

@@ -9,10 +9,11 @@ metrics of those outputs; the teacher-output store asks it for the shape of one 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:   # annotations only: reading a task's attributes needs no torch
+    import torch
+    from torch import nn
 
 
 class Task:
@@ -22,7 +23,8 @@ class Task:
     name: str = "task"
     #: the validation metric that selects `best.pt` (higher is better)
     selection_metric: str = "acc1"
-    #: summary.json keys a `distill-report` table shows for this task, with short headers
+    #: summary.json keys (and report columns such as `gain`) a `distill-report` table shows
+    #: for this task, with their short headers
     report_columns: dict[str, str] = {}
 
     def build_model(self, node, key: str, data) -> nn.Module:

@@ -15,6 +15,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from distill_cli import keys
 from distill_cli.config.build import TEACHER_SOURCE_KEYS
 from distill_cli.errors import UserError
 from distill_cli.io import read_json
@@ -88,8 +89,8 @@ def from_store(cfg: DictConfig, data, device, reporter, tty, train: TrainFn
                        f"(test acc1 {meta['test_acc1']:.2f}, trained {meta['created']})")
     ckpt = checkpoint.load(store.path(key) / "checkpoints" / "best.pt", "teacher")
     model = frozen_from_checkpoint(cfg.teacher, ckpt, data, device, "teacher")
-    return model, {"teacher/key": key, "teacher/source": "store", "teacher/store_hit": hit,
-                   "teacher/store_dir": str(store.path(key))}
+    return model, {keys.TEACHER_KEY: key, keys.TEACHER_SOURCE: "store",
+                   keys.TEACHER_STORE_HIT: hit, keys.TEACHER_STORE_DIR: str(store.path(key))}
 
 
 def _train_into_store(cfg, data, store: Store, key: str, desc: dict, reporter, tty,
@@ -100,7 +101,7 @@ def _train_into_store(cfg, data, store: Store, key: str, desc: dict, reporter, t
     run_dir = staging / "run"
     # a finished run whose publication did not happen (the files may be half moved): publish
     summary = read_json(run_dir / "summary.json") or read_json(staging / "summary.json") or {}
-    if summary.get("status") != "finished":
+    if summary.get(keys.STATUS) != "finished":
         tcfg = teacher_run_config(cfg)
         tcfg.trainer.resume = _continue_build(tcfg, staging, key, reporter)
         if tcfg.trainer.resume is None:
@@ -121,9 +122,9 @@ def _train_into_store(cfg, data, store: Store, key: str, desc: dict, reporter, t
             (run_dir / name).rename(staging / name)
     shutil.rmtree(run_dir, ignore_errors=True)  # whatever else a run leaves is not the entry
     meta = {"arch": desc["model"]["arch"], "model": desc["model"], "dataset": data.name,
-            "description": desc, "test_acc1": summary["best/test/acc1"],
-            "val_acc1": summary["best/val/acc1"], "wall_s": summary["wall_s"],
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "git": summary["git"]}
+            "description": desc, "test_acc1": summary[keys.BEST_TEST_ACC1],
+            "val_acc1": summary[keys.BEST_VAL_ACC1], "wall_s": summary[keys.WALL_S],
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "git": summary[keys.GIT]}
     return store.publish(key, staging, meta)
 
 

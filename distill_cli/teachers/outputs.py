@@ -22,6 +22,7 @@ import torch
 
 from omegaconf import OmegaConf
 
+from distill_cli import keys
 from distill_cli.config.build import model_node, runs_channels_last
 from distill_cli.io import atomic_write_bytes
 from distill_cli.data import InMemorySplit
@@ -141,9 +142,9 @@ class TeacherOutputs:
 
     def stats(self) -> dict:
         hits = sum(1 for n in self.served if n not in self.built)
-        return {"teacher/outputs": "stored", "teacher/outputs_key": self.key,
-                "teacher/outputs_hit_rate": hits / max(len(self.served), 1),
-                "teacher/outputs_dir": str(self.dir)}
+        return {keys.TEACHER_OUTPUTS: "stored", keys.TEACHER_OUTPUTS_KEY: self.key,
+                keys.TEACHER_OUTPUTS_HIT_RATE: hits / max(len(self.served), 1),
+                keys.TEACHER_OUTPUTS_DIR: str(self.dir)}
 
 
 def full_size_batches(split, batch_size: int):
@@ -191,16 +192,16 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
                             "teacher.outputs", "Use teacher.outputs=auto or live")
         reporter.stage(f"teacher outputs: live ({reason})")
         return None
-    if "teacher/key" in teacher_info:
-        teacher_id = {"store": teacher_info["teacher/key"]}
-    elif "teacher/checkpoint" in teacher_info:
-        teacher_id = checkpoint_identity(teacher_info["teacher/checkpoint"])
+    if keys.TEACHER_KEY in teacher_info:
+        teacher_id = {"store": teacher_info[keys.TEACHER_KEY]}
+    elif keys.TEACHER_CHECKPOINT in teacher_info:
+        teacher_id = checkpoint_identity(teacher_info[keys.TEACHER_CHECKPOINT])
     else:
-        teacher_id = {"source": teacher_info.get("teacher/source"),
+        teacher_id = {"source": teacher_info.get(keys.TEACHER_SOURCE),
                       "model": OmegaConf.to_container(model_node(cfg.teacher))}
-    if teacher_info.get("teacher/bn_folded"):   # folded BN: other last bits, other tables
+    if teacher_info.get(keys.TEACHER_BN_FOLDED):   # folded BN: other last bits, other tables
         teacher_id["bn_folded"] = True
-    if teacher_info.get("teacher/head") == "ncm":   # a pool's other-task teacher (teacher_pool)
+    if teacher_info.get(keys.TEACHER_HEAD) == "ncm":   # a pool's other-task teacher (teacher_pool)
         teacher_id["head"] = "ncm"
     teacher_id["precision"] = str(cfg.trainer.precision)
     if runs_channels_last(cfg, data):
@@ -228,11 +229,11 @@ class PoolOutputs:
 
     def stats(self) -> dict:
         each = [m.stats() for m in self.members]
-        return {"teacher/outputs": "stored",
-                "teacher/outputs_key": [s["teacher/outputs_key"] for s in each],
-                "teacher/outputs_hit_rate": sum(s["teacher/outputs_hit_rate"] for s in each)
+        return {keys.TEACHER_OUTPUTS: "stored",
+                keys.TEACHER_OUTPUTS_KEY: [s[keys.TEACHER_OUTPUTS_KEY] for s in each],
+                keys.TEACHER_OUTPUTS_HIT_RATE: sum(s[keys.TEACHER_OUTPUTS_HIT_RATE] for s in each)
                 / len(each),
-                "teacher/outputs_dir": [s["teacher/outputs_dir"] for s in each]}
+                keys.TEACHER_OUTPUTS_DIR: [s[keys.TEACHER_OUTPUTS_DIR] for s in each]}
 
 
 def outputs_for_pool(pool, objective, data, device, reporter, mix, row_shape

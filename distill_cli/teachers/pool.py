@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from distill_cli import keys
 from distill_cli.config.build import TEACHER_SOURCE_KEYS
 from distill_cli.config.paths import CONF_DIR
 from distill_cli.tasks.classification.evaluate import predict
@@ -102,10 +103,10 @@ def resolve_pool(cfg: DictConfig, data, device, reporter, tty, train
         head = model.get_submodule(model.classifier)
         if getattr(head, "out_features", data.num_classes) != data.num_classes:
             model = fit_ncm(model, data, bs, device, precision)
-            info = {**info, "teacher/head": "ncm"}
+            info = {**info, keys.TEACHER_HEAD: "ncm"}
         logits, y = predict(model, data.train, bs, device, precision)
         scores.append(float((logits.argmax(1) == y.to(logits.device)).double().mean()))
         pool.append((ecfg, model, info))
-        sources.append({"arch": ecfg.teacher.arch, **{k.split("/", 1)[1]: v
+        sources.append({"arch": ecfg.teacher.arch, **{k.split(keys.SEP, 1)[1]: v
                                                        for k, v in info.items()}})
-    return pool, scores, {"teachers/entries": sources, "teachers/scores": scores}
+    return pool, scores, {keys.TEACHERS_ENTRIES: sources, keys.TEACHERS_SCORES: scores}

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from distill_cli import keys
 from distill_cli.config.build import build_model, model_node
 from distill_cli.errors import UserError
 from distill_cli.losses.base import OnlineObjective, PoolObjective
@@ -65,7 +66,7 @@ def online_teacher(cfg: DictConfig, data, device) -> tuple[nn.Module, dict]:
                         "online teacher's initialisation)")
     torch.manual_seed(derive_seed("online-teacher", int(node.seed)))
     model = build_model(node, "teacher", data).to(device).train()
-    return model, {"teacher/source": "online", "teacher/seed": int(node.seed)}
+    return model, {keys.TEACHER_SOURCE: "online", keys.TEACHER_SEED: int(node.seed)}
 
 
 def resolve_teacher(cfg: DictConfig, data, device: torch.device, reporter, tty, train: TrainFn,
@@ -85,14 +86,15 @@ def resolve_teacher(cfg: DictConfig, data, device: torch.device, reporter, tty, 
     if online:
         return online_teacher(cfg, data, device)
     if not node.get("checkpoint") and arch.get("weights"):
-        model, info = pretrained(arch, data, device), {"teacher/source": f"weights:{arch.weights}"}
+        model = pretrained(arch, data, device)
+        info = {keys.TEACHER_SOURCE: f"weights:{arch.weights}"}
     elif not node.get("checkpoint"):
         model, info = from_store(cfg, data, device, reporter, tty, train)
     else:
         ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint")
         model = frozen_from_checkpoint(node, ckpt, data, device, "teacher.checkpoint",
                                        any_classes)
-        info = {"teacher/source": "checkpoint",
-                "teacher/checkpoint": str(Path(node.checkpoint).expanduser())}
+        info = {keys.TEACHER_SOURCE: "checkpoint",
+                keys.TEACHER_CHECKPOINT: str(Path(node.checkpoint).expanduser())}
     # a frozen teacher is an inference-only graph: BN folded into its convs (models/fold.py)
-    return model, {**info, "teacher/bn_folded": fold_batchnorm(model)}
+    return model, {**info, keys.TEACHER_BN_FOLDED: fold_batchnorm(model)}

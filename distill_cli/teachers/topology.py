@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distill_cli import keys
 from distill_cli.numerics import quantise
 
 
@@ -122,10 +123,10 @@ class FrozenTeacher(TeacherSignal):
         return self._eval(split)
 
     def summary(self) -> dict:
-        return self.outputs.stats() if self.outputs is not None else {"teacher/outputs": "live"}
+        return self.outputs.stats() if self.outputs is not None else {keys.TEACHER_OUTPUTS: "live"}
 
     def references(self, split: str) -> dict[str, torch.Tensor]:
-        return {"teacher": self._eval(split)}
+        return {keys.TEACHER: self._eval(split)}
 
 
 class TeacherPool(TeacherSignal):
@@ -146,13 +147,14 @@ class TeacherPool(TeacherSignal):
         return torch.stack([frozen_logits(t, batch.x, self.dtype) for t in self.models])
 
     def summary(self) -> dict:
-        return self.outputs.stats() if self.outputs is not None else {"teacher/outputs": "live"}
+        return self.outputs.stats() if self.outputs is not None else {keys.TEACHER_OUTPUTS: "live"}
 
     def references(self, split: str) -> dict[str, torch.Tensor]:
         out = {}
         for i, model in enumerate(self.models):
-            out[f"teachers/{i}"] = (self.outputs.members[i].eval_table(split, self.eval_batch_size)
-                                    if self.outputs is not None else self._predict(model, split))
+            out[keys.join(keys.TEACHERS, str(i))] = (
+                self.outputs.members[i].eval_table(split, self.eval_batch_size)
+                if self.outputs is not None else self._predict(model, split))
         return out
 
 
@@ -204,10 +206,10 @@ class OnlineTeacher(TeacherSignal):
         return out
 
     def references(self, split: str) -> dict[str, torch.Tensor]:
-        return {"teacher": self.reference(split)}
+        return {keys.TEACHER: self.reference(split)}
 
     def summary(self) -> dict:
-        return {"teacher/outputs": "live"}
+        return {keys.TEACHER_OUTPUTS: "live"}
 
     def epoch_metrics(self) -> dict:
         """The online teacher is a trained result too: its validation metrics every epoch
@@ -215,4 +217,4 @@ class OnlineTeacher(TeacherSignal):
         if self._val is None:
             return {}
         t_val = self.task.score(self._val, self.data.val.targets)
-        return {f"val/teacher_{k}": v for k, v in t_val.items() if k != "n"}
+        return {keys.join(keys.VAL, f"teacher_{k}"): v for k, v in t_val.items() if k != "n"}

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from distill_cli import keys
 from distill_cli.runs import checkpoint
 from distill_cli.losses.base import Objective, StepContext
 from distill_cli.numerics import autocast
@@ -101,7 +102,7 @@ class Engine:
             **self.teacher.state_dict(),
             "state": asdict(self.state),
             "rng": checkpoint.rng_state(),
-            "wandb_id": self.logger.run_id,
+            keys.WANDB_ID: self.logger.run_id,
         }
 
     def restore(self, ckpt: dict) -> None:
@@ -176,9 +177,10 @@ class Engine:
                     s.epoch_images += len(batch.y)
                     if s.step % log_every == 0:   # the only host sync of the loop
                         values = {k: float(v) / window_n for k, v in window.items()}
-                        values["lr"] = self.optimizer.param_groups[0]["lr"]
+                        values[keys.LR] = self.optimizer.param_groups[0]["lr"]
                         self.reporter.step(s.step, epoch, values)
-                        self.logger.log({f"train/{k}": v for k, v in values.items()}, s.step)
+                        self.logger.log({keys.join(keys.TRAIN, k): v for k, v in values.items()},
+                                        s.step)
                         window, window_n = {}, 0
                     else:
                         self.reporter.step(s.step, epoch, None)
@@ -201,13 +203,13 @@ class Engine:
     def _end_epoch(self, epoch: int, sums: dict) -> dict:
         s = self.state
         n = max(s.epoch_step, 1)
-        row = {"epoch": epoch, "step": s.step,
-               **{f"train/{k}": float(v) / n for k, v in sums.items()}}
+        row = {keys.EPOCH: epoch, keys.STEP: s.step,
+               **{keys.join(keys.TRAIN, k): float(v) / n for k, v in sums.items()}}
         s.images_per_s = s.epoch_images / max(s.epoch_train_s, 1e-9)
-        row["train/images_per_s"] = s.images_per_s
-        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row[keys.TRAIN_IMAGES_PER_S] = s.images_per_s
+        row[keys.LR] = self.optimizer.param_groups[0]["lr"]
         val = self.evaluate(self.student, self.data.val, self.teacher.reference("val"))
-        row.update({f"val/{k}": v for k, v in val.items() if k != "n"})
+        row.update({keys.join(keys.VAL, k): v for k, v in val.items() if k != "n"})
         row.update(self.teacher.epoch_metrics())
         s.epoch, s.epoch_step, s.epoch_sums = epoch, 0, {}
         s.epoch_images, s.epoch_train_s = 0, 0.0
@@ -215,6 +217,6 @@ class Engine:
         if val[metric] > s.best_score:
             s.best_score, s.best_epoch = val[metric], epoch
             self.save("best.pt")
-        row[f"best/val/{metric}"] = s.best_score
+        row[keys.join(keys.BEST_VAL, metric)] = s.best_score
         self.save("last.pt")
         return row

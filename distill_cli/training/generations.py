@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from distill_cli import keys
 from distill_cli.runs import checkpoint
 from distill_cli.config.build import TEACHER_SOURCE_KEYS, build_data
 from distill_cli.tasks.classification.evaluate import predict
@@ -102,7 +103,7 @@ def run_generations(cfg: DictConfig, run_dir=None, tty=None, data=None) -> dict:
 
     def once(gcfg: DictConfig, gdir: Path) -> dict:
         done = read_json(gdir / "summary.json") or {}
-        if done.get("status") == "finished":
+        if done.get(keys.STATUS) == "finished":
             return done
         gcfg.trainer.resume = "auto" if (gdir / "checkpoints" / "last.pt").is_file() else None
         return run(gcfg, gdir, tty=tty, data=data)
@@ -114,8 +115,8 @@ def run_generations(cfg: DictConfig, run_dir=None, tty=None, data=None) -> dict:
                             cfg.trainer.precision)
         return F.softmax(logits.double(), dim=1)
 
-    summary = {"status": "running", "run_dir": str(run_dir), "self_distill/generations":
-               generations, "self_distill/alpha": alpha, "generations": []}
+    summary = {keys.STATUS: "running", keys.RUN_DIR: str(run_dir), "self_distill/generations":
+               generations, "self_distill/alpha": alpha, keys.GENERATIONS: []}
     write_json(run_dir / "summary.json", summary)
     walls, teacher = [], None
     try:
@@ -126,31 +127,31 @@ def run_generations(cfg: DictConfig, run_dir=None, tty=None, data=None) -> dict:
                 for fit_alpha in (1.0, 0.0):
                     fdir = run_dir / f"gen{g}_alpha{int(fit_alpha)}"
                     walls.append(once(generation_config(cfg, g, fit_alpha, teacher), fdir)
-                                 ["wall_s"])
+                                 [keys.WALL_S])
                     fits[fit_alpha] = val_probs(fdir)
                 y = F.one_hot(data.val.targets.long(), data.num_classes).to(fits[1.0])
                 a = optimal_alpha(fits[0.0], fits[1.0], y)
             gdir = run_dir / f"gen{g}"
             final = once(generation_config(cfg, g, a, teacher), gdir)
-            walls.append(final["wall_s"])
-            summary["generations"].append({
-                "generation": g, "run_dir": str(gdir), "alpha": a, "seed": int(cfg.seed) + g,
-                "teacher/checkpoint": None if teacher is None else str(teacher),
-                **{k: final.get(k) for k in ("best/val/acc1", "best/test/acc1",
-                                             "last/test/acc1", "best/test/ece")}})
+            walls.append(final[keys.WALL_S])
+            summary[keys.GENERATIONS].append({
+                "generation": g, keys.RUN_DIR: str(gdir), "alpha": a, keys.SEED: int(cfg.seed) + g,
+                keys.TEACHER_CHECKPOINT: None if teacher is None else str(teacher),
+                **{k: final.get(k) for k in (keys.BEST_VAL_ACC1, keys.BEST_TEST_ACC1,
+                                             keys.LAST_TEST_ACC1, keys.BEST_TEST_ECE)}})
             write_json(run_dir / "summary.json", summary)
             teacher = gdir / "checkpoints" / "best.pt"
     except RunInterrupted as stop:
-        summary["status"] = "interrupted"
+        summary[keys.STATUS] = "interrupted"
         write_json(run_dir / "summary.json", summary)
         print(f"self-distillation interrupted; resume the whole run with hydra.run.dir={run_dir} "
               "trainer.resume=auto", flush=True)
         raise RunInterrupted(stop.exit_code, run_dir) from None
     except BaseException as exc:
-        summary.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
+        summary.update({keys.STATUS: "failed", keys.ERROR: f"{type(exc).__name__}: {exc}"[:500]})
         write_json(run_dir / "summary.json", summary)
         raise
     # the final generation's metrics are the run's own
-    summary = {**final, **summary, "status": "finished", "wall_s": sum(walls)}
+    summary = {**final, **summary, keys.STATUS: "finished", keys.WALL_S: sum(walls)}
     write_json(run_dir / "summary.json", summary)
     return summary

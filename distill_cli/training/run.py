@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distill_cli import __version__
+from distill_cli import __version__, keys
 from distill_cli.config.build import build_data, build_logger, model_node, runs_channels_last
 from distill_cli.data import unlabeled
 from distill_cli.errors import UserError
@@ -102,12 +102,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     previous = (read_json(run_dir / "summary.json") or {}) if continuing else {}
     logger = build_logger(cfg.logger, run_dir=run_dir, config=resolved,
                           name=str(run_dir), group=group,
-                          run_id=resumed.get("wandb_id") if continuing and resumed else None)
-    summary = {"status": "running", "seed": int(cfg.seed), "overrides": overrides,
-               "git": checkpoint.git_revision(), "run_dir": str(run_dir),
-               "dataset": data.name, "student": cfg.student.arch,
-               "teacher": cfg.teacher.get("arch"), "loss": cfg.loss._target_.rsplit(".", 1)[-1],
-               "wandb_id": logger.run_id, **teacher_info,
+                          run_id=resumed.get(keys.WANDB_ID) if continuing and resumed else None)
+    summary = {keys.STATUS: "running", keys.TASK: task.name, keys.SEED: int(cfg.seed),
+               keys.OVERRIDES: overrides,
+               keys.GIT: checkpoint.git_revision(), keys.RUN_DIR: str(run_dir),
+               keys.DATASET: data.name, keys.STUDENT: cfg.student.arch,
+               keys.TEACHER_ARCH: cfg.teacher.get("arch"),
+               keys.LOSS: cfg.loss._target_.rsplit(".", 1)[-1],
+               keys.WANDB_ID: logger.run_id, **teacher_info,
                # whether the allocator settings of `distill` (cli.MALLOC_TUNING) are in force
                "malloc_tuned": "MALLOC_MMAP_THRESHOLD_" in os.environ}
     write_json(run_dir / "summary.json", summary)
@@ -116,7 +118,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             "model_config": OmegaConf.to_container(model_node(cfg.student)),
             "data": {"name": data.name, "num_classes": data.num_classes,
                      "input_shape": list(data.input_shape)},
-            "git": summary["git"], "code_version": __version__}
+            "git": summary[keys.GIT], "code_version": __version__}
     topology = choose_topology(cfg, task=task, objective=objective, teacher=teacher, pool=pool,
                                teacher_info=teacher_info, data=data, device=device,
                                reporter=reporter, mix=plan.mix, steps_per_epoch=steps_per_epoch)
@@ -142,13 +144,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             reporter.epoch_end(row)
 
         status = engine.fit(on_epoch_end)
-        wall = previous.get("wall_s", 0.0) + time.time() - started
-        summary.update({"epochs": engine.state.epoch, "step": engine.state.step,
-                        "best/epoch": engine.state.best_epoch,
-                        f"best/val/{task.selection_metric}": engine.state.best_score,
-                        "train/images_per_s": engine.state.images_per_s, "wall_s": wall})
+        wall = previous.get(keys.WALL_S, 0.0) + time.time() - started
+        summary.update({keys.EPOCHS: engine.state.epoch, keys.STEP: engine.state.step,
+                        keys.BEST_EPOCH: engine.state.best_epoch,
+                        keys.join(keys.BEST_VAL, task.selection_metric): engine.state.best_score,
+                        keys.TRAIN_IMAGES_PER_S: engine.state.images_per_s, keys.WALL_S: wall})
         if status == "interrupted":
-            summary["status"] = "interrupted"
+            summary[keys.STATUS] = "interrupted"
             write_json(run_dir / "summary.json", summary)
             signum = engine.stop.signum
             exit_code = 128 + signum if signum else 3
@@ -158,8 +160,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             raise RunInterrupted(exit_code, run_dir)
         summary.update(final_evaluation(engine, run_dir, plan.mia, plan.pgd))
         summary.update(topology.summary())
-        summary["status"] = "finished"
-        summary["wall_s"] = previous.get("wall_s", 0.0) + time.time() - started
+        summary[keys.STATUS] = "finished"
+        summary[keys.WALL_S] = previous.get(keys.WALL_S, 0.0) + time.time() - started
         write_json(run_dir / "summary.json", summary)
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         reporter.summary_table(summary, title=str(run_dir))
@@ -168,7 +170,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     except RunInterrupted:
         raise
     except BaseException as exc:
-        summary.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
+        summary.update({keys.STATUS: "failed", keys.ERROR: f"{type(exc).__name__}: {exc}"[:500]})
         write_json(run_dir / "summary.json", summary)
         raise
     finally:
@@ -186,23 +188,23 @@ def final_evaluation(engine: Engine, run_dir: Path, mia: dict | None = None,
     references = teacher.references("test")
     for prefix, outputs in references.items():
         t = task.score(outputs, data.test.targets)
-        out.update({f"{prefix}/test/{k}": v for k, v in t.items() if k != "n"})
-        if prefix == "teacher" and mia is not None:
-            out.update({f"teacher/{k}": v for k, v in membership_auc(
+        out.update({keys.join(prefix, "test", k): v for k, v in t.items() if k != "n"})
+        if prefix == keys.TEACHER and mia is not None:
+            out.update({keys.join(keys.TEACHER, k): v for k, v in membership_auc(
                 teacher.model, data.train, data.test, **mia).items()})
-    reference = references.get("teacher")
+    reference = references.get(keys.TEACHER)
     last = engine.evaluate(engine.student, data.test, reference)
-    out.update({f"last/test/{k}": v for k, v in last.items() if k != "n"})
+    out.update({keys.join(keys.LAST_TEST, k): v for k, v in last.items() if k != "n"})
     if pgd is not None:
-        out["last/test/pgd_acc1"] = robust_accuracy(engine.student, data.test, **pgd)
+        out[keys.LAST_TEST_PGD_ACC1] = robust_accuracy(engine.student, data.test, **pgd)
     best_state = checkpoint.load(run_dir / "checkpoints" / "best.pt", "trainer")["model"]
     current = {k: v.clone() for k, v in engine.student.state_dict().items()}
     engine.student.load_state_dict(best_state)
     best = engine.evaluate(engine.student, data.test, reference)
     if pgd is not None:
-        out["best/test/pgd_acc1"] = robust_accuracy(engine.student, data.test, **pgd)
+        out[keys.BEST_TEST_PGD_ACC1] = robust_accuracy(engine.student, data.test, **pgd)
     if mia is not None:
         out.update(membership_auc(engine.student, data.train, data.test, **mia))
     engine.student.load_state_dict(current)
-    out.update({f"best/test/{k}": v for k, v in best.items() if k != "n"})
+    out.update({keys.join(keys.BEST_TEST, k): v for k, v in best.items() if k != "n"})
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from distill_cli import keys
 from distill_cli.config.build import build_optimizer, build_scheduler
 from distill_cli.losses.base import OnlineObjective, PoolObjective
 from distill_cli.teachers.outputs import outputs_for_pool, outputs_for_run
@@ -29,7 +30,7 @@ def teacher_models(cfg: DictConfig, objective, data, device, reporter, tty, trai
         return teacher, [], info
     pool, scores, info = resolve_pool(cfg, data, device, reporter, tty, train)
     objective.set_scores(scores)
-    info["teachers/weights"] = objective.teacher_weights.tolist()
+    info[keys.TEACHERS_WEIGHTS] = objective.teacher_weights.tolist()
     return None, pool, info
 
 

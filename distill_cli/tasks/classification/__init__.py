@@ -1,4 +1,2 @@
-"""Classification distillation: (x, y) batches, class logits, accuracy/NLL/ECE/agreement."""
-from distill_cli.tasks.classification.task import ClassificationTask
-
-__all__ = ["ClassificationTask"]
+"""Classification distillation: (x, y) batches, class logits, accuracy/NLL/ECE/agreement
+(`task.py`); its report columns (`columns.py`, torch-free so `distill-report` starts fast)."""

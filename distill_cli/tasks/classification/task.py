@@ -12,14 +12,14 @@ from __future__ import annotations
 from distill_cli.config.build import build_model
 from distill_cli.data.mixing import training_batches
 from distill_cli.tasks.base import Task
+from distill_cli.tasks.classification.columns import REPORT_COLUMNS
 from distill_cli.tasks.classification.evaluate import predict, score
 
 
 class ClassificationTask(Task):
     name = "classification"
     selection_metric = "acc1"
-    report_columns = {"best/test/acc1": "best acc1", "last/test/acc1": "last acc1",
-                      "best/test/ece": "ece", "teacher/test/acc1": "teacher acc1"}
+    report_columns = REPORT_COLUMNS
 
     def build_model(self, node, key: str, data):
         return build_model(node, key, data)
