@@ -146,7 +146,7 @@ def test_online_run_trains_the_teacher_and_reports_both_networks(tmp_path):
     assert rows[1]["val/teacher_acc1"] != rows[0]["val/teacher_acc1"]
     # the teacher's weights moved away from its fresh initialisation, and are in the checkpoint
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    fresh, _ = online_teacher(cfg, build_data(cfg.dataset), torch.device("cpu"))
+    fresh, _ = online_teacher(cfg.teacher, build_data(cfg.dataset), torch.device("cpu"))
     fresh = fresh.state_dict()
     assert ckpt["teacher_model"].keys() == fresh.keys()
     assert all(not torch.equal(ckpt["teacher_model"][k], fresh[k]) for k in fresh

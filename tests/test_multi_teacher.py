@@ -167,14 +167,14 @@ def test_a_pool_entry_is_the_same_stored_teacher_as_the_teacher_group():
     store key equals `teacher=cnn`'s: a pool reuses the teachers single-teacher runs trained."""
     from distill_cli.config.build import build_data
     from distill_cli.teachers.store import content_key
-    from distill_cli.teachers.pool import entry_config
+    from distill_cli.teachers.pool import entry_node
     from distill_cli.teachers.build import teacher_description
 
     single = make_cfg(DIGITS + ["teacher=cnn", "loss=kd", "teacher.seed=3"])
     pool = make_cfg(MT + ["teachers=[{arch: cnn, seed: 3}, {arch: cnn, seed: 4, dropout: 0.1}]"])
     data = build_data(single.dataset)
-    keys = [content_key(teacher_description(entry_config(pool, e, i), data))
+    keys = [content_key(teacher_description(entry_node(pool.teacher, e, i), data, "32"))
             for i, e in enumerate(pool.teachers)]
-    assert keys[0] == content_key(teacher_description(single, data))
+    assert keys[0] == content_key(teacher_description(single.teacher, data, "32"))
     assert keys[1] != keys[0]
-    assert entry_config(pool, pool.teachers[1], 1).teacher.dropout == 0.1   # the entry wins
+    assert entry_node(pool.teacher, pool.teachers[1], 1).dropout == 0.1   # the entry wins

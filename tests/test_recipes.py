@@ -14,7 +14,7 @@ from distill_cli.config import build
 from distill_cli.config.paths import CONF_DIR
 from distill_cli.data.fake import build as fake_data
 from distill_cli.losses.base import Objective, PoolObjective
-from distill_cli.teachers.pool import entry_config
+from distill_cli.teachers.pool import entry_node
 
 from conftest import make_cfg
 
@@ -71,7 +71,7 @@ def test_recipe_composes_and_builds(recipe):
     objective = build.build_objective(cfg.loss)
     assert isinstance(objective, Objective) and objective.needs_teacher
     # one teacher, or a pool (`teachers`) for multi-teacher objectives
-    pool = [entry_config(cfg, e, i).teacher for i, e in enumerate(cfg.teachers)]
+    pool = [entry_node(cfg.teacher, e, i) for i, e in enumerate(cfg.teachers)]
     assert bool(pool) == isinstance(objective, PoolObjective)
     assert pool or resolved["teacher"]["arch"] is not None
     if cfg.dataset._target_.endswith("mnist1d.build"):
@@ -162,7 +162,7 @@ def test_cifar_recipes_compose_the_repdistiller_protocol(recipe):
 def test_the_store_can_build_the_cifar_teachers_scheduler():
     """The protocol selects multistep for the teacher's schedule too (it once merged multistep's
     keys onto the cosine default, and multistep() refused the stray min_lr_ratio)."""
-    from distill_cli.teachers.build import teacher_run_config
+    from distill_cli.training.teacher_runs import teacher_run_config
 
     tcfg = teacher_run_config(make_cfg(["recipe=cifar100_r56_r20_kd"]))
     optimizer = build.build_optimizer(tcfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
@@ -179,7 +179,8 @@ def test_cifar_recipes_share_a_teacher_per_architecture():
     keys: dict[str, set[str]] = {}
     for recipe in CIFAR:
         cfg = make_cfg([f"recipe={recipe}"])
-        keys.setdefault(cfg.teacher.arch, set()).add(content_key(teacher_description(cfg, data)))
+        key = content_key(teacher_description(cfg.teacher, data, cfg.trainer.precision))
+        keys.setdefault(cfg.teacher.arch, set()).add(key)
     assert len(keys) == 5 and all(len(k) == 1 for k in keys.values()), keys
 
 
@@ -205,9 +206,9 @@ def test_imagenet_recipes_compose_the_mdistiller_protocol(recipe):
 def test_a_recipe_sweep_shares_one_teacher(recipe):
     from distill_cli.teachers.build import teacher_description
     fake = fake_data(shape=[1, 28, 28], num_classes=10, train_size=8, test_size=4)
-    keys = {str(teacher_description(make_cfg([f"recipe={recipe}", f"loss={loss}",
-                                              f"seed={seed}"]), fake))
-            for loss in ("ce", "kd", "dkd", "pld", "dist") for seed in (0, 1)}
+    cfgs = [make_cfg([f"recipe={recipe}", f"loss={loss}", f"seed={seed}"])
+            for loss in ("ce", "kd", "dkd", "pld", "dist") for seed in (0, 1)]
+    keys = {str(teacher_description(c.teacher, fake, c.trainer.precision)) for c in cfgs}
     assert len(keys) == 1
 
 
@@ -224,10 +225,10 @@ def test_mtard_recipe_pairs_the_fmnist_bench_teacher_with_a_robust_one():
     cfg = make_cfg(["recipe=fmnist_mtard"])
     bench = make_cfg(["recipe=fmnist_bench"])
     data = fake_data(shape=(1, 28, 28), num_classes=10, train_size=8, test_size=4)
-    clean, robust = (entry_config(cfg, e, i) for i, e in enumerate(cfg.teachers))
-    key = lambda c: content_key(teacher_description(c, data))   # noqa: E731
-    assert key(clean) == key(bench)            # the clean teacher IS fmnist_bench's teacher
-    assert robust.teacher.train.loss._target_.endswith("AdversarialCE") and key(robust) != key(clean)
+    clean, robust = (entry_node(cfg.teacher, e, i) for i, e in enumerate(cfg.teachers))
+    key = lambda node: content_key(teacher_description(node, data, "32"))   # noqa: E731
+    assert key(clean) == key(bench.teacher)    # the clean teacher IS fmnist_bench's teacher
+    assert robust.train.loss._target_.endswith("AdversarialCE") and key(robust) != key(clean)
     assert cfg.eval.pgd.steps == 20 and cfg.loss._target_.endswith("MTARD")
 
 

@@ -35,8 +35,12 @@ def digits():
     return build.build_data(make_cfg(["dataset=digits"]).dataset)
 
 
+def describe(cfg, data) -> dict:
+    return teacher_description(cfg.teacher, data, cfg.trainer.precision)
+
+
 def key_of(overrides, data):
-    return content_key(teacher_description(make_cfg(KD + overrides), data))
+    return content_key(describe(make_cfg(KD + overrides), data))
 
 
 def test_same_inputs_same_key_and_student_side_changes_keep_it(digits):
@@ -59,7 +63,7 @@ def test_any_relevant_change_gives_a_new_key(digits, change):
 
 
 def test_the_teacher_trains_in_its_own_memory_format_not_the_students():
-    from distill_cli.teachers.build import teacher_run_config
+    from distill_cli.training.teacher_runs import teacher_run_config
     student_nhwc = teacher_run_config(make_cfg(KD + ["trainer.channels_last=true"]))
     assert student_nhwc.trainer.channels_last is False
     # nor does the student's gradient clipping (not part of the teacher's key either)
@@ -72,7 +76,7 @@ def test_data_identity_is_part_of_the_key():
     a = build.build_data(make_cfg(["dataset=digits"]).dataset)
     b = build.build_data(make_cfg(["dataset=digits", "dataset.limit_train=500"]).dataset)
     c = build.build_data(make_cfg(["dataset=digits", "dataset.augment.hflip=true"]).dataset)
-    keys = {content_key(teacher_description(make_cfg(KD), d)) for d in (a, b, c)}
+    keys = {content_key(describe(make_cfg(KD), d)) for d in (a, b, c)}
     assert len(keys) == 3
 
 
@@ -174,7 +178,7 @@ def _same_weights(a, b):
 def test_the_teacher_follows_its_own_seed_not_the_job_that_built_it(tmp_path, monkeypatch):
     """Which job of a `seed=0,1,2` sweep happens to build the teacher must not matter: its data
     order comes from `teacher.seed`, as its initialisation does."""
-    from distill_cli.teachers.build import teacher_run_config
+    from distill_cli.training.teacher_runs import teacher_run_config
     assert teacher_run_config(make_cfg(KD + ["seed=3", "data_seed=5"])).data_seed == 0
     assert teacher_run_config(make_cfg(KD + ["teacher.seed=2"])).data_seed == 2
     built = []
@@ -192,7 +196,7 @@ def test_an_interrupted_teacher_build_is_continued_bit_exactly(tmp_path, monkeyp
     """The state a stopped build leaves (its run's last.pt, mid-epoch) is continued by the next
     run that needs the teacher, and the published teacher equals an uninterrupted build."""
     from distill_cli.training.run import RunInterrupted
-    from distill_cli.teachers.build import teacher_run_config
+    from distill_cli.training.teacher_runs import teacher_run_config
     home = tmp_path / "home"
     monkeypatch.setenv("DISTILL_HOME", str(home))
     cfg = make_cfg(KD + ["trainer.epochs=1"])
@@ -225,7 +229,7 @@ def test_a_build_with_other_settings_outside_the_key_starts_over(tmp_path, monke
                                                                   capsys):
     """Continuing a build whose recipe differs beyond the key would mix two trainings."""
     from distill_cli.training.run import RunInterrupted
-    from distill_cli.teachers.build import teacher_run_config
+    from distill_cli.training.teacher_runs import teacher_run_config
     home = tmp_path / "home"
     monkeypatch.setenv("DISTILL_HOME", str(home))
     cfg = make_cfg(KD + ["trainer.epochs=1"])

@@ -32,6 +32,7 @@ from distill_cli.search.report import print_table, write_result
 from distill_cli.teachers.resolve import resolve_teacher
 from distill_cli.training.plan import pick_device
 from distill_cli.training.run import run
+from distill_cli.training.teacher_runs import store_access
 from distill_cli.reporting.tracking import ConsoleReporter
 
 MODEL_TARGET = "distill_cli.models.create"
@@ -138,7 +139,8 @@ def search(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None 
     widths = [penultimate_width(s) for s in students]
 
     if opts["teacher_weights"] == "trained":
-        teacher, teacher_info = resolve_teacher(cfg, data, device, reporter, tty, train=run)
+        teacher, teacher_info = resolve_teacher(cfg.teacher, data, device, reporter,
+                                                store_access(cfg, data, tty, run))
     else:   # only the architecture matters: it is Gaussian re-initialised like the students
         teacher = build_model(cfg.teacher, "teacher", data).to(device)
         teacher_info = {keys.TEACHER_SOURCE: "random init (Gaussian)"}

@@ -15,23 +15,23 @@ evaluation splits `val` / `test`.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import keys
-from distill_cli.config.build import model_node, runs_channels_last
-from distill_cli.io import atomic_write_bytes
+from distill_cli.config.build import model_node
 from distill_cli.data import InMemorySplit
 from distill_cli.data.mixing import MixSpec, training_batches
 from distill_cli.errors import UserError
 from distill_cli.losses.base import OnlineObjective, StepObjective
 from distill_cli.numerics import autocast, quantise
 from distill_cli.teachers.store import Store, content_key
-from distill_cli.io import read_json, write_json
+from distill_cli.io import atomic_write_bytes, read_json, write_json
 
 FORMAT = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -162,12 +162,27 @@ def full_size_batches(split, batch_size: int):
         yield batch
 
 
-def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporter, mix,
-                    row_shape: tuple[int, ...]):
-    """The run's TeacherOutputs when `teacher.outputs` (auto|store|live), the method and the
-    disk budget allow it; None to run the teacher live. `row_shape` is one sample's stored
-    output (the task's `stored_row_shape`)."""
-    mode = str(cfg.teacher.outputs)
+@dataclass(frozen=True)
+class OutputSettings:
+    """What the output store reads of a run's settings."""
+
+    mode: str            # teacher.outputs: auto | store | live
+    dtype: str           # teacher.outputs_dtype: float32 | float16
+    root: str            # store.root
+    max_gb: float        # store.max_gb: `auto` stores only while the store stays below
+    batch_size: int      # trainer.batch_size: the batches whose outputs are stored
+    epochs: int          # trainer.epochs: how many per-epoch tables an augmented view needs
+    data_seed: int       # data order and augmentation of those batches
+    precision: str       # trainer.precision: part of the teacher's identity
+    channels_last: bool  # NHWC teacher (other kernels, other last bits): its own tables
+
+
+def outputs_for_run(settings: OutputSettings, objective, teacher, node: DictConfig,
+                    teacher_info: dict, data, device, reporter, mix, row_shape: tuple[int, ...]):
+    """The run's TeacherOutputs for the teacher `node` describes, when `teacher.outputs`
+    (auto|store|live), the method and the disk budget allow it; None to run the teacher live.
+    `row_shape` is one sample's stored output (the task's `stored_row_shape`)."""
+    mode = settings.mode
     if mode not in ("auto", "store", "live"):
         raise UserError(f"teacher.outputs={mode} is not an option", "teacher.outputs",
                         "Use auto, store or live")
@@ -179,12 +194,12 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
     elif not isinstance(data.train, InMemorySplit):
         reason = "the DataLoader path's teacher views are not stored"
     if reason is None and mode == "auto":
-        need = TeacherOutputs.projected_bytes(data, row_shape, int(cfg.trainer.epochs),
-                                              str(cfg.teacher.outputs_dtype), mix)
-        used = sum(f.stat().st_size for f in Path(cfg.store.root).expanduser().glob(
+        need = TeacherOutputs.projected_bytes(data, row_shape, settings.epochs, settings.dtype,
+                                              mix)
+        used = sum(f.stat().st_size for f in Path(settings.root).expanduser().glob(
             "outputs/*/*.npy"))
-        if used + need > float(cfg.store.max_gb) * 2**30:
-            reason = (f"the store would exceed store.max_gb={cfg.store.max_gb} "
+        if used + need > settings.max_gb * 2**30:
+            reason = (f"the store would exceed store.max_gb={settings.max_gb:g} "
                       f"({(used + need) / 2**30:.1f} GiB)")
     if reason is not None:
         if mode == "store":
@@ -198,21 +213,20 @@ def outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporte
         teacher_id = checkpoint_identity(teacher_info[keys.TEACHER_CHECKPOINT])
     else:
         teacher_id = {"source": teacher_info.get(keys.TEACHER_SOURCE),
-                      "model": OmegaConf.to_container(model_node(cfg.teacher))}
+                      "model": OmegaConf.to_container(model_node(node))}
     if teacher_info.get(keys.TEACHER_BN_FOLDED):   # folded BN: other last bits, other tables
         teacher_id["bn_folded"] = True
     if teacher_info.get(keys.TEACHER_HEAD) == "ncm":   # a pool's other-task teacher (teacher_pool)
         teacher_id["head"] = "ncm"
-    teacher_id["precision"] = str(cfg.trainer.precision)
-    if runs_channels_last(cfg, data):
+    teacher_id["precision"] = settings.precision
+    if settings.channels_last:
         # a channels_last teacher runs other kernels (other last bits): its own tables. Within
         # one format, stored == live (the input's format does not change the conv's here).
         teacher_id["memory_format"] = "channels_last"
     return TeacherOutputs(teacher=teacher, teacher_id=teacher_id, data=data, row_shape=row_shape,
-                          batch_size=int(cfg.trainer.batch_size),
-                          data_seed=int(cfg.data_seed), device=device,
-                          autocast=lambda: autocast(device, cfg.trainer.precision),
-                          root=cfg.store.root, dtype=str(cfg.teacher.outputs_dtype),
+                          batch_size=settings.batch_size, data_seed=settings.data_seed,
+                          device=device, autocast=lambda: autocast(device, settings.precision),
+                          root=settings.root, dtype=settings.dtype,
                           reporter=reporter, mix=mix)
 
 
@@ -236,12 +250,12 @@ class PoolOutputs:
                 keys.TEACHER_OUTPUTS_DIR: [s[keys.TEACHER_OUTPUTS_DIR] for s in each]}
 
 
-def outputs_for_pool(pool, objective, data, device, reporter, mix, row_shape
-                     ) -> PoolOutputs | None:
-    """`outputs_for_run` for every (entry config, teacher, info) of a multi-teacher pool; None
+def outputs_for_pool(settings: OutputSettings, pool, objective, data, device, reporter, mix,
+                     row_shape) -> PoolOutputs | None:
+    """`outputs_for_run` for every (entry node, teacher, info) of a multi-teacher pool; None
     (all live) unless every member can be stored."""
-    members = [outputs_for_run(ecfg, objective, model, info, data, device, reporter, mix, row_shape)
-               for ecfg, model, info in pool]
+    members = [outputs_for_run(settings, objective, model, node, info, data, device, reporter,
+                               mix, row_shape) for node, model, info in pool]
     return PoolOutputs(members) if all(m is not None for m in members) else None
 
 

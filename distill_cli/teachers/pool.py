@@ -28,6 +28,7 @@ from distill_cli.config.build import TEACHER_SOURCE_KEYS
 from distill_cli.config.paths import CONF_DIR
 from distill_cli.tasks.classification.evaluate import predict
 from distill_cli.errors import UserError
+from distill_cli.teachers.build import StoreAccess
 from distill_cli.teachers.resolve import resolve_teacher
 
 
@@ -69,34 +70,36 @@ def fit_ncm(model: nn.Module, data, batch_size: int, device, precision) -> NCMHe
     return NCMHead(backbone, means, sigma2).eval()
 
 
-def entry_config(cfg: DictConfig, entry, i: int) -> DictConfig:
-    """The run config with `teacher` = entry i (over the `teacher` node's source defaults)."""
+def entry_node(teacher: DictConfig, entry, i: int) -> DictConfig:
+    """The teacher node of entry i: the zoo's defaults for its arch, the `teacher` node's source
+    settings (seed, train, outputs), then the entry."""
     if not isinstance(entry, DictConfig) or not entry.get("arch"):
         raise UserError(f"teachers[{i}] must be a mapping with at least `arch`, got {entry!r}",
                         f"teachers[{i}]", "Write entries like {arch: resnet8, checkpoint: "
                         "<run>/checkpoints/best.pt} or {arch: resnet8, seed: 1}")
-    base = OmegaConf.to_container(cfg, resolve=True)
-    source = {k: v for k, v in base["teacher"].items() if k in TEACHER_SOURCE_KEYS}
+    source = {k: v for k, v in OmegaConf.to_container(teacher, resolve=True).items()
+              if k in TEACHER_SOURCE_KEYS}
     # the zoo's defaults for the arch first, so `{arch: cnn}` is the same teacher (and the same
     # teacher-store entry) as `teacher=cnn`
     zoo = Path(CONF_DIR) / "student" / f"{entry.arch}.yaml"
     defaults = OmegaConf.load(zoo) if zoo.is_file() else {}
     node = OmegaConf.merge(defaults, {**source, "checkpoint": None,
                                       "_target_": "distill_cli.models.create"}, entry)
-    return OmegaConf.create({**base, "teacher": OmegaConf.to_container(node, resolve=True)})
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
 
 
-def resolve_pool(cfg: DictConfig, data, device, reporter, tty, train
+def resolve_pool(teacher: DictConfig, entries, data, device, reporter, access: StoreAccess,
+                 eval_batch_size: int, precision: str
                  ) -> tuple[list[tuple[DictConfig, nn.Module, dict]], list[float], dict]:
-    """(pool, scores, summary fields); the pool holds one (entry config, teacher in the
-    dataset's class space, its `teacher/*` info) per entry."""
-    bs, precision = int(cfg.trainer.eval_batch_size), cfg.trainer.precision
+    """(pool, scores, summary fields) of the `teachers` entries (`teacher`: the `teacher` node,
+    whose source settings they share); the pool holds one (entry node, teacher in the dataset's
+    class space, its `teacher/*` info) per entry."""
+    bs = eval_batch_size
     pool, scores, sources = [], [], []
-    for i, entry in enumerate(cfg.teachers):
-        ecfg = entry_config(cfg, entry, i)
+    for i, entry in enumerate(entries):
+        node = entry_node(teacher, entry, i)
         try:
-            model, info = resolve_teacher(ecfg, data, device, reporter, tty, train,
-                                          any_classes=True)
+            model, info = resolve_teacher(node, data, device, reporter, access, any_classes=True)
         except UserError as err:   # name the entry, not the single-teacher key
             raise UserError(err.what, (err.key or "teacher").replace("teacher", f"teachers[{i}]",
                                                                      1), err.fix) from None
@@ -106,7 +109,7 @@ def resolve_pool(cfg: DictConfig, data, device, reporter, tty, train
             info = {**info, keys.TEACHER_HEAD: "ncm"}
         logits, y = predict(model, data.train, bs, device, precision)
         scores.append(float((logits.argmax(1) == y.to(logits.device)).double().mean()))
-        pool.append((ecfg, model, info))
-        sources.append({"arch": ecfg.teacher.arch, **{k.split(keys.SEP, 1)[1]: v
+        pool.append((node, model, info))
+        sources.append({"arch": node.arch, **{k.split(keys.SEP, 1)[1]: v
                                                        for k, v in info.items()}})
     return pool, scores, {keys.TEACHERS_ENTRIES: sources, keys.TEACHERS_SCORES: scores}

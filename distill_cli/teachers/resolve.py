@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from distill_cli import keys
@@ -21,18 +21,18 @@ from distill_cli.losses.base import OnlineObjective, PoolObjective
 from distill_cli.models.fold import fold_batchnorm
 from distill_cli.runs import checkpoint
 from distill_cli.seeding import derive_seed
-from distill_cli.teachers.build import TrainFn, from_store
+from distill_cli.teachers.build import StoreAccess, from_store
 from distill_cli.teachers.load import frozen_from_checkpoint, pretrained
 
 
-def check_teachers(cfg: DictConfig, objective) -> None:
-    """The teacher setup the objective needs: one teacher, a pool (`teachers`), or none."""
+def check_teachers(node: DictConfig, pool: list, objective) -> None:
+    """The teacher setup the objective needs: one teacher (`node`, the `teacher` node), a pool
+    (the `teachers` entries), or none."""
     name = type(objective).__name__
-    pool = list(OmegaConf.select(cfg, "teachers", default=[]) or [])
     if isinstance(objective, PoolObjective):
-        if model_node(cfg.teacher) is not None:
+        if model_node(node) is not None:
             raise UserError(f"loss={name} distils from the `teachers` pool, but teacher="
-                            f"{cfg.teacher.arch} was also given", "teacher",
+                            f"{node.arch} was also given", "teacher",
                             "Use teacher=none and list the teachers in `teachers`")
         if not pool:
             raise UserError(f"loss={name} needs a pool of teachers but `teachers` is empty",
@@ -42,7 +42,7 @@ def check_teachers(cfg: DictConfig, objective) -> None:
     if pool:
         raise UserError(f"`teachers` is set but loss={name} distils from one teacher", "teachers",
                         "Use loss=multi_teacher, or drop `teachers` and set `teacher`")
-    if objective.needs_teacher and model_node(cfg.teacher) is None:
+    if objective.needs_teacher and model_node(node) is None:
         if isinstance(objective, OnlineObjective):
             raise UserError(f"loss={name} trains a teacher alongside the student but teacher=none",
                             "teacher", "Name the teacher's architecture, e.g. teacher=resnet20 "
@@ -53,13 +53,13 @@ def check_teachers(cfg: DictConfig, objective) -> None:
                         "teacher.checkpoint=<run>/checkpoints/best.pt), or use loss=ce")
 
 
-def online_teacher(cfg: DictConfig, data, device) -> tuple[nn.Module, dict]:
+def online_teacher(node: DictConfig, data, device, method: str = "this loss"
+                   ) -> tuple[nn.Module, dict]:
     """A freshly initialised teacher that trains with the student (BD-KD): no store, no
     checkpoint. Its init seed is derived from `teacher.seed` (not equal to it), so a teacher and
     student of the same architecture never start as the same network."""
-    node = cfg.teacher
     if node.get("checkpoint") or model_node(node).get("weights"):
-        raise UserError(f"loss={cfg.loss._target_.rsplit('.', 1)[-1]} trains its teacher from "
+        raise UserError(f"loss={method} trains its teacher from "
                         "scratch with the student, so it takes no teacher weights",
                         "teacher.checkpoint" if node.get("checkpoint") else "teacher.weights",
                         "Drop teacher.checkpoint / teacher.weights (teacher.seed sets the "
@@ -69,14 +69,13 @@ def online_teacher(cfg: DictConfig, data, device) -> tuple[nn.Module, dict]:
     return model, {keys.TEACHER_SOURCE: "online", keys.TEACHER_SEED: int(node.seed)}
 
 
-def resolve_teacher(cfg: DictConfig, data, device: torch.device, reporter, tty, train: TrainFn,
-                    *, online: bool = False, any_classes: bool = False
+def resolve_teacher(node: DictConfig, data, device: torch.device, reporter,
+                    access: StoreAccess, *, online: str | None = None, any_classes: bool = False
                     ) -> tuple[nn.Module | None, dict]:
-    """Return (teacher or None, summary fields describing where it came from). The teacher is
-    frozen, except with `online` (a fresh, trainable one); `any_classes` accepts a checkpoint
-    trained for another class count (a source teacher of the multi-teacher pool). `train` is
-    the runner that trains a teacher the store does not hold yet."""
-    node = cfg.teacher
+    """Return (the teacher `node` describes or None, summary fields describing where it came
+    from). The teacher is frozen, except with `online` (the method's name: a fresh, trainable
+    one); `any_classes` accepts a checkpoint trained for another class count (a source teacher
+    of the multi-teacher pool). `access` lets the store train a teacher it does not hold."""
     arch = model_node(node)
     if arch is None:
         if node.get("checkpoint"):
@@ -84,12 +83,12 @@ def resolve_teacher(cfg: DictConfig, data, device: torch.device, reporter, tty, 
                             "Also name the teacher architecture, e.g. teacher=resnet20")
         return None, {}
     if online:
-        return online_teacher(cfg, data, device)
+        return online_teacher(node, data, device, online)
     if not node.get("checkpoint") and arch.get("weights"):
         model = pretrained(arch, data, device)
         info = {keys.TEACHER_SOURCE: f"weights:{arch.weights}"}
     elif not node.get("checkpoint"):
-        model, info = from_store(cfg, data, device, reporter, tty, train)
+        model, info = from_store(node, data, device, reporter, access)
     else:
         ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint")
         model = frozen_from_checkpoint(node, ckpt, data, device, "teacher.checkpoint",

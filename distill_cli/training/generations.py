@@ -36,7 +36,7 @@ from distill_cli.tasks.classification.evaluate import predict
 from distill_cli.errors import UserError
 from distill_cli.losses.self_distill import SelfDistill
 from distill_cli.runs.directory import check_run_dir
-from distill_cli.teachers.resolve import frozen_from_checkpoint
+from distill_cli.teachers.load import frozen_from_checkpoint
 from distill_cli.io import read_json, write_json
 from distill_cli.training.plan import pick_device, validate
 from distill_cli.training.run import RunInterrupted, run

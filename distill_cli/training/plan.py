@@ -85,7 +85,8 @@ def checked_plan(cfg: DictConfig) -> Plan:
                         "cannot train on mixup/CutMix batches (their targets are label "
                         "mixtures)", "augment.mix",
                         f"Turn mixing off ({MIX_OFF}) or pick another loss")
-    check_teachers(cfg, objective)
+    check_teachers(cfg.teacher, list(OmegaConf.select(cfg, "teachers", default=[]) or []),
+                   objective)
     mia = mia_settings(cfg, objective)
     label_free = unlabeled.check(cfg.dataset, objective, mix.enabled, mia is not None)
     pgd = pgd_settings(cfg)   # eval.pgd: validated now, run after training

@@ -27,6 +27,7 @@ from distill_cli.runs.directory import check_run_dir, check_same_run, resolve_re
 from distill_cli.training.engine import Engine, RunSinks
 from distill_cli.training.plan import checked_plan, pick_device, validate
 from distill_cli.training.settings import TrainerSettings
+from distill_cli.training.teacher_runs import store_access
 from distill_cli.training.teacher_setup import (choose_topology, optimizer_and_schedule,
                                                 teacher_models)
 
@@ -71,7 +72,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     # the teacher store trains a missing teacher with this very function (injected: the
     # teachers/ floor never imports the runner)
     teacher, pool, teacher_info = teacher_models(cfg, objective, data, device,
-                                                 ConsoleReporter(0, tty=tty), tty, train=run)
+                                                 ConsoleReporter(0, tty=tty),
+                                                 store_access(cfg, data, tty, run))
     teachers = [model for _, model, _ in pool]
     if plan.label_free:   # after the teacher: a teacher the store trains learns from the labels
         data = unlabeled.student_view(cfg.dataset, data, lambda node: build_data(
@@ -121,7 +123,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             "git": summary[keys.GIT], "code_version": __version__}
     topology = choose_topology(cfg, task=task, objective=objective, teacher=teacher, pool=pool,
                                teacher_info=teacher_info, data=data, device=device,
-                               reporter=reporter, mix=plan.mix, steps_per_epoch=steps_per_epoch)
+                               reporter=reporter, mix=plan.mix, steps_per_epoch=steps_per_epoch,
+                               channels_last=settings.channels_last)
     summary.update(topology.summary())
     data_seed = int(cfg.data_seed)
     engine = Engine(task=task, student=student, objective=objective, teacher=topology, data=data,

@@ -14,21 +14,26 @@ from omegaconf import DictConfig
 from distill_cli import keys
 from distill_cli.config.build import build_optimizer, build_scheduler
 from distill_cli.losses.base import OnlineObjective, PoolObjective
-from distill_cli.teachers.outputs import outputs_for_pool, outputs_for_run
+from distill_cli.teachers.build import StoreAccess
+from distill_cli.teachers.outputs import OutputSettings, outputs_for_pool, outputs_for_run
 from distill_cli.teachers.pool import resolve_pool
 from distill_cli.teachers.resolve import resolve_teacher
 from distill_cli.teachers.topology import (FrozenTeacher, OnlineTeacher, TeacherPool,
                                            TeacherSignal)
 
 
-def teacher_models(cfg: DictConfig, objective, data, device, reporter, tty, train) -> tuple:
-    """(teacher or None, pool [(entry config, model, info)] or [], summary info): the one
+def teacher_models(cfg: DictConfig, objective, data, device, reporter, access: StoreAccess
+                   ) -> tuple:
+    """(teacher or None, pool [(entry node, model, info)] or [], summary info): the one
     teacher (store, checkpoint or online), or a `PoolObjective`'s pool (its scores set)."""
     if not isinstance(objective, PoolObjective):
-        teacher, info = resolve_teacher(cfg, data, device, reporter, tty, train,
-                                        online=isinstance(objective, OnlineObjective))
+        online = type(objective).__name__ if isinstance(objective, OnlineObjective) else None
+        teacher, info = resolve_teacher(cfg.teacher, data, device, reporter, access,
+                                        online=online)
         return teacher, [], info
-    pool, scores, info = resolve_pool(cfg, data, device, reporter, tty, train)
+    pool, scores, info = resolve_pool(cfg.teacher, cfg.teachers, data, device, reporter, access,
+                                      int(cfg.trainer.eval_batch_size),
+                                      str(cfg.trainer.precision))
     objective.set_scores(scores)
     info[keys.TEACHERS_WEIGHTS] = objective.teacher_weights.tolist()
     return None, pool, info
@@ -40,14 +45,24 @@ def optimizer_and_schedule(opt_node, sched_node, params: list, steps_per_epoch: 
     return optimizer, build_scheduler(sched_node, optimizer, steps_per_epoch, epochs)
 
 
+def output_settings(cfg: DictConfig, channels_last: bool) -> OutputSettings:
+    return OutputSettings(mode=str(cfg.teacher.outputs), dtype=str(cfg.teacher.outputs_dtype),
+                          root=str(cfg.store.root), max_gb=float(cfg.store.max_gb),
+                          batch_size=int(cfg.trainer.batch_size),
+                          epochs=int(cfg.trainer.epochs), data_seed=int(cfg.data_seed),
+                          precision=str(cfg.trainer.precision), channels_last=channels_last)
+
+
 def choose_topology(cfg: DictConfig, *, task, objective, teacher, pool: list, teacher_info: dict,
-                    data, device, reporter, mix, steps_per_epoch: int) -> TeacherSignal:
+                    data, device, reporter, mix, steps_per_epoch: int, channels_last: bool
+                    ) -> TeacherSignal:
     common = dict(task=task, data=data, eval_batch_size=int(cfg.trainer.eval_batch_size),
                   device=device, precision=cfg.trainer.precision)
     dtype = str(cfg.teacher.outputs_dtype)
     row = task.stored_row_shape(data)
+    stored = output_settings(cfg, channels_last)
     if isinstance(objective, PoolObjective):
-        outputs = outputs_for_pool(pool, objective, data, device, reporter, mix, row)
+        outputs = outputs_for_pool(stored, pool, objective, data, device, reporter, mix, row)
         return TeacherPool([model for _, model, _ in pool], outputs, dtype, **common)
     if teacher is None:
         return TeacherSignal(**common)
@@ -58,7 +73,7 @@ def choose_topology(cfg: DictConfig, *, task, objective, teacher, pool: list, te
             cfg.loss.get("teacher_scheduler", cfg.scheduler), list(teacher.parameters()),
             steps_per_epoch, int(cfg.trainer.epochs))
         return OnlineTeacher(teacher, optimizer, scheduler, **common)
-    outputs = outputs_for_run(cfg, objective, teacher, teacher_info, data, device, reporter, mix,
-                              row)
+    outputs = outputs_for_run(stored, objective, teacher, cfg.teacher, teacher_info, data, device,
+                              reporter, mix, row)
     return FrozenTeacher(teacher, outputs, dtype, feeds_training=objective.needs_teacher,
                          **common)
