@@ -167,12 +167,11 @@ def test_robust_accuracy(trained):
 
 
 def test_settings_and_user_errors():
-    base = {"seed": 3, "trainer": {"eval_batch_size": 100, "precision": "32"}}
-    assert pgd_settings({**base, "eval": {"pgd": {"steps": 0}}}) is None
-    assert pgd_settings({**base, "eval": {}}) is None
-    got = pgd_settings({**base, "eval": {"pgd": {"steps": 20, "eps": "8/255", "step_size": 0.003,
-                                                  "max_samples": None,
-                                                  "random_start": "uniform"}}})
+    base = {"seed": 3, "batch_size": 100, "precision": "32"}
+    assert pgd_settings({"steps": 0}, **base) is None
+    assert pgd_settings(None, **base) is None
+    got = pgd_settings({"steps": 20, "eps": "8/255", "step_size": 0.003, "max_samples": None,
+                        "random_start": "uniform"}, **base)
     assert got == {"eps": 8 / 255, "step_size": 0.003, "steps": 20, "random_start": "uniform",
                    "max_samples": None, "seed": 3, "batch_size": 100, "precision": "32"}
     assert as_number("2/255", "k") == 2 / 255 and as_number(0.5, "k") == 0.5
@@ -183,7 +182,7 @@ def test_settings_and_user_errors():
            ({"steps": 2, "random_start": "gauss"}, "eval.pgd.random_start")]
     for node, key in bad:
         with pytest.raises(UserError) as err:
-            pgd_settings({**base, "eval": {"pgd": node}})
+            pgd_settings(node, **base)
         assert err.value.key == key, node
     # only in-memory IMAGE splits have a [0, 1] pixel space
     for split in (SimpleNamespace(), SimpleNamespace(mean=(0.0,), std=(1.0,),
@@ -192,8 +191,8 @@ def test_settings_and_user_errors():
             pixel_stats(split, "eval.pgd")
         assert err.value.key == "eval.pgd"
     # the config default is off, with METHODS.md's PGD-20 settings ready
-    assert pgd_settings(make_cfg([])) is None
-    on = pgd_settings(make_cfg(["eval.pgd.steps=20"]))
+    assert pgd_settings(make_cfg([]).eval.pgd) is None
+    on = pgd_settings(make_cfg(["eval.pgd.steps=20"]).eval.pgd)
     assert (on["eps"], on["step_size"], on["random_start"]) == (8 / 255, 0.003, "uniform")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import hydra.utils
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from distill_cli.data.unlabeled import RUN_KEYS as DATA_RUN_KEYS  # read by the runner
 from distill_cli.errors import UserError
 
 ALLOWED_PREFIXES = ("distill_cli.", "torch.optim.")
@@ -85,8 +86,7 @@ def runs_channels_last(cfg: DictConfig, data) -> bool:
 
 
 def build_data(node: DictConfig, key: str = "dataset"):
-    from distill_cli.data.unlabeled import RUN_KEYS   # options the runner applies (data/unlabeled.py)
-    return instantiate(_without(node, RUN_KEYS), key)
+    return instantiate(_without(node, DATA_RUN_KEYS), key)
 
 
 def build_task(node: DictConfig):

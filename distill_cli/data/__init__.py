@@ -10,7 +10,8 @@ import importlib
 
 from distill_cli.data.augment import AugmentSpec
 from distill_cli.data.bundle import (DATA_VERSION, Batch, DataBundle, InMemorySplit, LoaderSplit,
-                                     Split, derive_seed, epoch_order)
+                                     Split, epoch_order)
+from distill_cli.errors import UserError
 
 #: dataset name -> builder ("module:function"), the same targets as conf/dataset/*.yaml
 BUILDERS = {
@@ -28,7 +29,6 @@ BUILDERS = {
 
 def build_dataset(name: str, **options) -> DataBundle:
     """Build dataset `name` (a key of `BUILDERS`) with the given options, on the CPU."""
-    from distill_cli.errors import UserError
 
     if name not in BUILDERS:
         raise UserError(f"unknown dataset {name!r}", key="dataset",
@@ -38,4 +38,4 @@ def build_dataset(name: str, **options) -> DataBundle:
 
 
 __all__ = ["AugmentSpec", "Batch", "BUILDERS", "DATA_VERSION", "DataBundle", "InMemorySplit",
-           "LoaderSplit", "Split", "build_dataset", "derive_seed", "epoch_order"]
+           "LoaderSplit", "Split", "build_dataset", "epoch_order"]

@@ -11,6 +11,7 @@ import torch
 from distill_cli.data.augment import AugmentSpec
 from distill_cli.data.bundle import DataBundle, make_in_memory_bundle
 from distill_cli.data.sources import DEFAULT_TIMEOUT, load_torchvision
+from distill_cli.errors import UserError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -69,8 +70,6 @@ def build(variant: str = "cifar10", **options) -> DataBundle:
     """`build_cifar10` or `build_cifar100` by name (the YAMLs target those directly)."""
     builders = {"cifar10": build_cifar10, "cifar100": build_cifar100}
     if variant not in builders:
-        from distill_cli.errors import UserError
-
         raise UserError(f"unknown CIFAR variant {variant!r}", key="dataset.variant",
                         fix="Use cifar10 or cifar100")
     return builders[variant](**options)

@@ -150,10 +150,11 @@ def pgd(model: nn.Module, x01: torch.Tensor, y: torch.Tensor, eps: float, step_s
 
 
 # ------------------------------------------------------------------------- robust evaluation
-def pgd_settings(cfg) -> dict | None:
-    """`robust_accuracy` keyword arguments from a run config (DictConfig or its plain dict) when
-    `eval.pgd.steps > 0`, else None."""
-    node = (cfg.get("eval") or {}).get("pgd") or {}
+def pgd_settings(node, *, seed: int = 0, batch_size: int = 256, precision: str = "32"
+                 ) -> dict | None:
+    """`robust_accuracy` keyword arguments from the `eval.pgd` node (a mapping; None = off) when
+    `steps > 0`, else None; `seed` seeds the subset and the start noise."""
+    node = node or {}
     steps = node.get("steps", 0)
     if steps == 0 and not isinstance(steps, bool):
         return None
@@ -165,11 +166,9 @@ def pgd_settings(cfg) -> dict | None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"eval.pgd.max_samples={limit} must be a positive integer or null",
                         "eval.pgd.max_samples", "Use e.g. 1000 (null = the whole test set)")
-    trainer = cfg.get("trainer") or {}
     return {"eps": eps, "step_size": step_size, "steps": steps, "random_start": start,
-            "max_samples": limit, "seed": int(cfg.get("seed", 0)),
-            "batch_size": int(trainer.get("eval_batch_size", 256)),
-            "precision": str(trainer.get("precision", "32"))}
+            "max_samples": limit, "seed": int(seed), "batch_size": int(batch_size),
+            "precision": str(precision)}
 
 
 def robust_accuracy(model: nn.Module, split, *, eps: float, step_size: float, steps: int,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from distill_cli import keys
 from distill_cli.reporting.tracking import ConsoleReporter
-from distill_cli.io import write_json
+from distill_cli.io import atomic_write_bytes, write_json
 
 
 def _fmt(v, spec: str) -> str:
@@ -64,8 +64,6 @@ def markdown(result: dict) -> str:
 
 
 def write_result(run_dir: Path, result: dict) -> None:
-    from distill_cli.io import atomic_write_bytes
-
     write_json(run_dir / "search.json", result)
     text = markdown(result).encode()
     atomic_write_bytes(run_dir / "search.md", lambda fh: fh.write(text))

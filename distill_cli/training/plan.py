@@ -89,5 +89,8 @@ def checked_plan(cfg: DictConfig) -> Plan:
                    objective)
     mia = mia_settings(cfg, objective)
     label_free = unlabeled.check(cfg.dataset, objective, mix.enabled, mia is not None)
-    pgd = pgd_settings(cfg)   # eval.pgd: validated now, run after training
+    # eval.pgd: validated now, run after training
+    pgd = pgd_settings(OmegaConf.select(cfg, "eval.pgd"), seed=int(cfg.seed),
+                       batch_size=int(cfg.trainer.eval_batch_size),
+                       precision=str(cfg.trainer.precision))
     return Plan(task, objective, mix, mia, label_free, pgd)
