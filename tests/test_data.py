@@ -16,12 +16,13 @@ import torch
 
 from distill_cli.config.paths import CONF_DIR
 from distill_cli.data import (BUILDERS, Batch, DataBundle, InMemorySplit, LoaderSplit,
-                              build_dataset, derive_seed, epoch_order)
+                              build_dataset, epoch_order)
 from distill_cli.data import augment as A
 from distill_cli.data import fashion_mnist as fm
 from distill_cli.data import fetch, sources
 from distill_cli.data.bundle import augment_generator
 from distill_cli.errors import UserError
+from distill_cli.seeding import derive_seed
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = Path(CONF_DIR) / "dataset"
