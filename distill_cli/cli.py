@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from distill_cli.config.paths import CONF_PACKAGE
+from distill_cli.config.paths import CONF_DIR, CONF_PACKAGE
 
 _task_started = False
 
@@ -70,8 +71,22 @@ def tune_allocator() -> None:
     os.execv(sys.executable, sys.orig_argv)
 
 
+def _refuse_null_groups(argv: list[str]) -> None:
+    """`recipe=null` (any config group set to null) makes Hydra fail with a traceback before it
+    can report the override: say what to do instead, exit 2."""
+    from distill_cli.errors import UserError, exit_with
+
+    for arg in argv:
+        group, _, value = arg.lstrip("+~").partition("=")
+        if value == "null" and (Path(CONF_DIR) / group).is_dir():
+            exit_with(UserError(f"`{group}=null` is not an option of the config group `{group}`",
+                                group, f"Leave `{group}` out to get its default, or pick one of "
+                                "the options `distill --help` lists"))
+
+
 def distill_main() -> None:
     tune_allocator()
+    _refuse_null_groups(sys.argv[1:])
     _composition_errors_exit_2(_distill)
 
 

@@ -72,6 +72,12 @@ def test_unknown_group_option_exits_2_with_the_options(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_config_group_set_to_null_exits_2_with_the_fix(tmp_path):
+    proc = distill("recipe=null", "--cfg", "job", tmp_path=tmp_path, check_rc=2)
+    assert proc.stderr.startswith("error: `recipe=null`") and "Leave `recipe`" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "outputs").exists()
+
+
 def test_user_error_exits_2_with_one_paragraph(tmp_path):
     proc = distill(*DIGITS, "loss=kd", tmp_path=tmp_path, check_rc=2)
     assert proc.stderr.startswith("error: ") and "teacher" in proc.stderr
