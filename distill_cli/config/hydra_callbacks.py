@@ -2,6 +2,7 @@
 explicit `hydra.run.dir` that already holds a run is never overwritten by accident."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -13,6 +14,8 @@ from distill_cli.runs.directory import check_run_dir
 
 class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **_) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return   # a torchrun rank other than 0: rank 0 guards the job's one run dir
         run_dir = Path(config.hydra.run.dir)
         resume = config.trainer.get("resume")
         try:

@@ -31,6 +31,7 @@ class AdversarialCE(StepObjective):
     the engine, so a resumed run is bit-exact).
     """
 
+    batch_coupling = "its PGD attack runs extra forward/backward passes of the student"
     needs_teacher = False
 
     def __init__(self, eps=8 / 255, step_size=2 / 255, steps: int = 10,

@@ -46,6 +46,11 @@ class Objective(nn.Module):
     # True for methods whose point is privacy (Swing): `eval.mia=auto` then measures membership
     # inference of the final weights (distill_cli.evaluation.privacy) into the summary.
     measures_privacy: bool = False
+    # Why the loss is NOT a mean of per-sample terms (relations within the batch, state updated
+    # from the batch's values, noise drawn for the whole batch), or None when it is. Data-parallel
+    # ranks each see a slice of the global batch, so such an objective is refused under torchrun
+    # with this reason rather than computing something other than the 1-process loss.
+    batch_coupling: str | None = None
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor, ctx: StepContext | None = None) -> dict[str, torch.Tensor]:

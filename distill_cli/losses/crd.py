@@ -67,6 +67,7 @@ class CRD(FeatureObjective):
     `crd_teacher` (L_t); `kd` (T²·KL, only when kd_weight > 0).
     """
 
+    batch_coupling = "its memory banks and negatives are updated from the whole batch"
     needs_teacher = True
 
     def __init__(self, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,

@@ -49,6 +49,7 @@ class DIST(Objective):
     official `inter_loss`/`intra_loss`). The teacher logits are detached.
     """
 
+    batch_coupling = "its intra-class term correlates each class across the whole batch"
     needs_teacher = True
     uses_labels = True
 

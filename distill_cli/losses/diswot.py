@@ -56,6 +56,7 @@ class DisWOTDistill(FeatureObjective):
     their weights).
     """
 
+    batch_coupling = "its relation term compares the samples of the batch with each other"
     needs_teacher = True
 
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,

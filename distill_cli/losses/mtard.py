@@ -65,6 +65,7 @@ class MTARD(StepObjective, PoolObjective):
     logits serve both views.
     """
 
+    batch_coupling = "its teacher weights adapt to the batch and its attack runs the student itself"
     needs_teacher = True
 
     def __init__(self, eps=8 / 255, step_size=2 / 255, steps: int = 10,

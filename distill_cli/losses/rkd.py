@@ -52,6 +52,7 @@ class RKD(FeatureObjective):
     Terms: `loss`; `ce`; `rkd_dist`, `rkd_angle` (before their weights).
     """
 
+    batch_coupling = "it matches distances and angles between the samples of the batch"
     needs_teacher = True
 
     def __init__(self, dist_weight: float = 25.0, angle_weight: float = 50.0,

@@ -76,6 +76,7 @@ class Swing(Objective):
     `mean_temperature`. The teacher logits are detached.
     """
 
+    batch_coupling = "its logit noise is drawn for the whole batch at once"
     needs_teacher = True
     uses_labels = True
     measures_privacy = True  # eval.mia=auto → membership inference in the summary

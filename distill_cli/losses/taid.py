@@ -58,6 +58,7 @@ class TAID(Objective):
     False unless ce_weight > 0 (then `targets` are never read and may be None).
     """
 
+    batch_coupling = "its interpolation t adapts to the loss values of the batch"
     needs_teacher = True
     uses_labels = False
 

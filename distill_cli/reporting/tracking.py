@@ -111,6 +111,31 @@ class ConsoleReporter:
 
 
 # --------------------------------------------------------------------------- external loggers
+class SilentReporter(ConsoleReporter):
+    """A data-parallel rank other than 0: it trains, rank 0 alone talks."""
+
+    def __init__(self):
+        super().__init__(0, tty=False)
+
+    def stage(self, text: str) -> None:
+        pass
+
+    def start(self, completed: int) -> None:
+        pass
+
+    def step(self, step: int, epoch: int, values: dict[str, float] | None) -> None:
+        pass
+
+    def epoch_end(self, row: dict) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def summary_table(self, summary: dict, title: str) -> None:
+        pass
+
+
 class NullLogger:
     run_id: str | None = None
 

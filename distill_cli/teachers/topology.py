@@ -7,7 +7,7 @@ setup; the engine calls the hooks below and has no branch per topology:
     train_logits(batch)       the signal an objective's step reads for `batch`
     backward_loss(terms)      what one backward pass differentiates (the online teacher adds
                               its own loss: each side sees the other detached)
-    zero_grad / clip_grad / step / train   the networks this topology trains, if any
+    zero_grad / clip_grad / step / train / trained_parameters   the networks it trains, if any
     state_dict / load_state_dict           their checkpoint entries (exact resume)
     reference(split)          the teacher's outputs on an evaluation split (agreement)
     references(split)         every teacher's outputs, by summary prefix (teacher/test/*)
@@ -66,6 +66,10 @@ class TeacherSignal:
 
     def train(self) -> None:
         pass
+
+    def trained_parameters(self) -> list:
+        """Parameters this topology trains (averaged over data-parallel ranks)."""
+        return []
 
     def state_dict(self) -> dict:
         return {}
@@ -187,6 +191,9 @@ class OnlineTeacher(TeacherSignal):
 
     def train(self) -> None:
         self.model.train()
+
+    def trained_parameters(self) -> list:
+        return list(self.model.parameters())
 
     def state_dict(self) -> dict:
         return {"teacher_model": self.model.state_dict(),

@@ -24,6 +24,7 @@ from distill_cli import keys
 from distill_cli.runs import checkpoint
 from distill_cli.losses.base import Objective, StepContext
 from distill_cli.numerics import autocast
+from distill_cli.training.distributed import SINGLE, World
 from distill_cli.training.settings import TrainerSettings
 
 
@@ -74,15 +75,18 @@ class RunSinks:
 class Engine:
     def __init__(self, *, task, student: nn.Module, objective: Objective, teacher,
                  data, batches: Callable, optimizer, scheduler, settings: TrainerSettings,
-                 device: torch.device, sinks: RunSinks):
+                 device: torch.device, sinks: RunSinks, world: World = SINGLE):
         """`teacher` is the run's topology (teachers/topology.py); `batches(epoch, start_step)`
-        yields the task's training batches."""
+        yields the task's training batches (this rank's slice under torchrun)."""
         self.task, self.student, self.objective, self.teacher = task, student, objective, teacher
         self.data, self.batches = data, batches
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.settings, self.device = settings, device
+        self.settings, self.device, self.world = settings, device, world
+        # the student as training runs it: DistributedDataParallel under torchrun (its gradients
+        # averaged during backward); checkpoints always hold the unwrapped module's state
+        self.trained = world.wrap(student, device)
         # torch.compile wraps the module for the forward only; state dicts stay un-prefixed
-        self.forward = torch.compile(student) if settings.compile else student
+        self.forward = torch.compile(self.trained) if settings.compile else self.trained
         self.run_dir, self.reporter = Path(sinks.run_dir), sinks.reporter
         self.logger, self.meta = sinks.logger, sinks.checkpoint_meta
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -118,7 +122,8 @@ class Engine:
         checkpoint.set_rng_state(ckpt["rng"])
 
     def save(self, name: str) -> None:
-        checkpoint.save(self.ckpt_dir / name, self.payload())
+        if self.world.is_main:   # one writer per run dir
+            checkpoint.save(self.ckpt_dir / name, self.payload())
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model, split, reference=None) -> dict:
@@ -131,11 +136,13 @@ class Engine:
         if self.settings.channels_last and batch.x.dim() == 4:
             batch = batch._replace(x=batch.x.contiguous(memory_format=torch.channels_last))
         with autocast(self.device, self.settings.precision):
-            terms = self.objective.train_terms(self.student, self.forward, self.teacher, batch,
+            terms = self.objective.train_terms(self.trained, self.forward, self.teacher, batch,
                                                ctx)
         self.optimizer.zero_grad(set_to_none=True)
         self.teacher.zero_grad()
         self.teacher.backward_loss(terms).backward()
+        self.world.average_gradients([*self.objective.parameters(),
+                                      *self.teacher.trained_parameters()])
         if self.settings.grad_clip:
             nn.utils.clip_grad_norm_(self.student.parameters(), float(self.settings.grad_clip))
             self.teacher.clip_grad(float(self.settings.grad_clip))
@@ -174,7 +181,7 @@ class Engine:
                     window_n += 1
                     s.step += 1
                     s.epoch_step += 1
-                    s.epoch_images += len(batch.y)
+                    s.epoch_images += len(batch.y) * self.world.size   # the global batch
                     if s.step % log_every == 0:   # the only host sync of the loop
                         values = {k: float(v) / window_n for k, v in window.items()}
                         values[keys.LR] = self.optimizer.param_groups[0]["lr"]
@@ -184,7 +191,7 @@ class Engine:
                         window, window_n = {}, 0
                     else:
                         self.reporter.step(s.step, epoch, None)
-                    stopping = self.stop.signum is not None or (
+                    stopping = self.world.any(self.stop.signum is not None) or (
                         stop_at is not None and s.step >= stop_at)
                     if stopping or (ckpt_every and s.step % ckpt_every == 0):
                         s.epoch_sums = {k: float(v) for k, v in sums.items()}
@@ -193,11 +200,13 @@ class Engine:
                         self.save("last.pt")
                     if stopping:
                         self.reporter.stop()
+                        self.world.barrier()   # last.pt is on disk before any rank returns
                         return "interrupted"
                 s.epoch_train_s += time.perf_counter() - t0
                 row = self._end_epoch(epoch, sums)
                 on_epoch_end(row)
         self.reporter.stop()
+        self.world.barrier()   # best.pt / last.pt are on disk before any rank reads them
         return "finished"
 
     def _end_epoch(self, epoch: int, sums: dict) -> dict:

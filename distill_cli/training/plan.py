@@ -14,6 +14,7 @@ from distill_cli.errors import UserError
 from distill_cli.evaluation.adversarial import pgd_settings
 from distill_cli.losses.base import Objective
 from distill_cli.tasks.base import Task
+from distill_cli.training.distributed import SINGLE, World
 from distill_cli.teachers.resolve import check_teachers
 
 
@@ -74,11 +75,34 @@ class Plan:
     pgd: dict | None
 
 
-def checked_plan(cfg: DictConfig) -> Plan:
+def check_data_parallel(cfg: DictConfig, objective: Objective, world: World) -> None:
+    """What torchrun cannot run as the 1-process run would, refused before any work."""
+    if not world.distributed:
+        return
+    batch = int(cfg.trainer.batch_size)
+    if batch % world.size:
+        raise UserError(f"trainer.batch_size={batch} is the GLOBAL batch and must split evenly "
+                        f"over the {world.size} processes", "trainer.batch_size",
+                        f"Use a multiple of {world.size}, e.g. "
+                        f"trainer.batch_size={batch - batch % world.size or world.size}")
+    if objective.batch_coupling:
+        raise UserError(f"loss={type(objective).__name__} cannot train data-parallel: "
+                        f"{objective.batch_coupling}, so {world.size} processes holding a slice "
+                        "each would compute another loss than one process", "loss",
+                        "Run it in one process (plain `distill`), or pick a loss whose value is "
+                        "a mean over samples (kd, dkd, ...)")
+    if cfg.trainer.get("sync_batchnorm") and cfg.trainer.device != "cuda":
+        raise UserError("trainer.sync_batchnorm needs CUDA (SyncBatchNorm has no CPU kernel)",
+                        "trainer.sync_batchnorm", "Drop it on CPU: each process then normalises "
+                        "with its own slice's statistics")
+
+
+def checked_plan(cfg: DictConfig, world: World = SINGLE) -> Plan:
     """The objective and every run option that can be refused, checked before anything
-    expensive."""
+    expensive (`world`: the data-parallel ranks the run will train on)."""
     task = build_task(cfg.task)
     objective = build_objective(cfg.loss)
+    check_data_parallel(cfg, objective, world)
     mix = MixSpec.from_config(cfg.augment.mix)
     if mix.enabled and not objective.accepts_soft_targets:
         raise UserError(f"loss={type(objective).__name__} indexes by the hard label, so it "

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -21,10 +22,11 @@ from distill_cli.errors import UserError
 from distill_cli.evaluation.adversarial import pixel_stats, robust_accuracy
 from distill_cli.evaluation.privacy import membership_auc
 from distill_cli.io import read_json, write_json
-from distill_cli.reporting.tracking import ConsoleReporter, MetricsFile
+from distill_cli.reporting.tracking import ConsoleReporter, MetricsFile, NullLogger, SilentReporter
 from distill_cli.runs import checkpoint
 from distill_cli.runs.directory import check_run_dir, check_same_run, resolve_resume
 from distill_cli.training.engine import Engine, RunSinks
+from distill_cli.training.distributed import World, init_world
 from distill_cli.training.plan import checked_plan, pick_device, validate
 from distill_cli.training.settings import TrainerSettings
 from distill_cli.training.teacher_runs import store_access
@@ -49,21 +51,29 @@ def _hydra_context() -> tuple[list[str], str | None]:
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = None,
-        data=None, resume_hint: str | None = None) -> dict:
+        data=None, resume_hint: str | None = None, world: World | None = None) -> dict:
     """Train one run into `run_dir` (default: Hydra's output dir); `data` reuses a loaded
     DataBundle (the teacher store trains teachers on the student's data); `resume_hint` is
-    what an interrupted run tells the user to do (default: the command that resumes it)."""
+    what an interrupted run tells the user to do (default: the command that resumes it);
+    `world`: the data-parallel ranks (default: torchrun's, else one process)."""
     started = time.time()
+    world = world or init_world()
     validate(cfg)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    continuing = check_run_dir(run_dir, cfg.trainer.resume)
+    # one run dir for the job: rank 0 alone applies the run-dir rules and writes into it
+    continuing = world.broadcast(check_run_dir(run_dir, cfg.trainer.resume)
+                                 if world.is_main else None)
     resume_path = resolve_resume(run_dir, cfg.trainer.resume)
     resumed = checkpoint.load(resume_path, "trainer.resume") if resume_path else None
     if resumed is not None:
         check_same_run(cfg, resumed)
+        check_same_world(resumed, world)
     overrides, group = _hydra_context()
-    plan = checked_plan(cfg)
+    plan = checked_plan(cfg, world)
     task, objective = plan.task, plan.objective
+    write = write_json if world.is_main else (lambda *_: None)
+    console = (lambda total: ConsoleReporter(total, tty=tty)) if world.is_main else (
+        lambda total: SilentReporter())
 
     device = pick_device(cfg.trainer.device)
     data = data if data is not None else build_data(cfg.dataset).to(device)
@@ -71,15 +81,20 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         pixel_stats(data.test, "eval.pgd")   # an attack needs a [0, 1] pixel space
     # the teacher store trains a missing teacher with this very function (injected: the
     # teachers/ floor never imports the runner)
-    teacher, pool, teacher_info = teacher_models(cfg, objective, data, device,
-                                                 ConsoleReporter(0, tty=tty),
+    if not world.is_main:
+        world.barrier()   # rank 0 resolves the teachers first, training any the store lacks
+    teacher, pool, teacher_info = teacher_models(cfg, objective, data, device, console(0),
                                                  store_access(cfg, data, tty, run))
+    if world.is_main:
+        world.barrier()
     teachers = [model for _, model, _ in pool]
     if plan.label_free:   # after the teacher: a teacher the store trains learns from the labels
         data = unlabeled.student_view(cfg.dataset, data, lambda node: build_data(
             node, "dataset.extra_unlabeled"))
     torch.manual_seed(int(cfg.seed))
     student = task.build_model(cfg.student, "student", data).to(device)
+    if world.distributed and cfg.trainer.get("sync_batchnorm"):   # CUDA only (plan.py)
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     # trainable heads (feature methods) are created from the models' shapes, then optimised
     # with the student and saved in checkpoints (`objective`), never in the exported student
     objective.bind(student, teachers or teacher, data)
@@ -104,7 +119,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     previous = (read_json(run_dir / "summary.json") or {}) if continuing else {}
     logger = build_logger(cfg.logger, run_dir=run_dir, config=resolved,
                           name=str(run_dir), group=group,
-                          run_id=resumed.get(keys.WANDB_ID) if continuing and resumed else None)
+                          run_id=resumed.get(keys.WANDB_ID) if continuing and resumed else None
+                          ) if world.is_main else NullLogger()
     summary = {keys.STATUS: "running", keys.TASK: task.name, keys.SEED: int(cfg.seed),
                keys.OVERRIDES: overrides,
                keys.GIT: checkpoint.git_revision(), keys.RUN_DIR: str(run_dir),
@@ -114,13 +130,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                keys.WANDB_ID: logger.run_id, **teacher_info,
                # whether the allocator settings of `distill` (cli.MALLOC_TUNING) are in force
                "malloc_tuned": "MALLOC_MMAP_THRESHOLD_" in os.environ}
-    write_json(run_dir / "summary.json", summary)
-    reporter = ConsoleReporter(steps_per_epoch * settings.epochs, tty=tty)
+    write(run_dir / "summary.json", summary)
+    reporter = console(steps_per_epoch * settings.epochs)
     meta = {"config": resolved, "overrides": overrides,
             "model_config": OmegaConf.to_container(model_node(cfg.student)),
             "data": {"name": data.name, "num_classes": data.num_classes,
                      "input_shape": list(data.input_shape)},
-            "git": summary[keys.GIT], "code_version": __version__}
+            "git": summary[keys.GIT], "code_version": __version__, "world_size": world.size}
     topology = choose_topology(cfg, task=task, objective=objective, teacher=teacher, pool=pool,
                                teacher_info=teacher_info, data=data, device=device,
                                reporter=reporter, mix=plan.mix, steps_per_epoch=steps_per_epoch,
@@ -128,21 +144,23 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     summary.update(topology.summary())
     data_seed = int(cfg.data_seed)
     engine = Engine(task=task, student=student, objective=objective, teacher=topology, data=data,
-                    batches=lambda epoch, start: task.train_batches(
-                        data, settings.batch_size, data_seed, epoch, start, plan.mix),
+                    batches=lambda epoch, start: map(world.slice, task.train_batches(
+                        data, settings.batch_size, data_seed, epoch, start, plan.mix)),
                     optimizer=optimizer, scheduler=scheduler, settings=settings, device=device,
-                    sinks=RunSinks(run_dir, reporter, logger, meta))
+                    sinks=RunSinks(run_dir, reporter, logger, meta), world=world)
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     exit_code = 1
     try:
         if resumed is not None:
             engine.restore(resumed)
-            metrics.truncate_after(engine.state.epoch)
+            if world.is_main:
+                metrics.truncate_after(engine.state.epoch)
             reporter.stage(f"resumed from {resume_path} at epoch {engine.state.epoch + 1}, "
                            f"step {engine.state.step}")
 
         def on_epoch_end(row: dict) -> None:
-            metrics.append(row)
+            if world.is_main:
+                metrics.append(row)
             logger.log(row, engine.state.step)
             reporter.epoch_end(row)
 
@@ -154,7 +172,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                         keys.TRAIN_IMAGES_PER_S: engine.state.images_per_s, keys.WALL_S: wall})
         if status == "interrupted":
             summary[keys.STATUS] = "interrupted"
-            write_json(run_dir / "summary.json", summary)
+            write(run_dir / "summary.json", summary)
             signum = engine.stop.signum
             exit_code = 128 + signum if signum else 3
             reporter.stage(f"interrupted at step {engine.state.step}; last.pt written. " + (
@@ -165,7 +183,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         summary.update(topology.summary())
         summary[keys.STATUS] = "finished"
         summary[keys.WALL_S] = previous.get(keys.WALL_S, 0.0) + time.time() - started
-        write_json(run_dir / "summary.json", summary)
+        write(run_dir / "summary.json", summary)
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         reporter.summary_table(summary, title=str(run_dir))
         exit_code = 0
@@ -174,10 +192,21 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         raise
     except BaseException as exc:
         summary.update({keys.STATUS: "failed", keys.ERROR: f"{type(exc).__name__}: {exc}"[:500]})
-        write_json(run_dir / "summary.json", summary)
+        write(run_dir / "summary.json", summary)
         raise
     finally:
         logger.finish(exit_code)
+
+
+def check_same_world(ckpt: dict, world: World) -> None:
+    """Resuming on another number of ranks would change the reduction order (and, with
+    BatchNorm, the statistics): refused rather than continued inexactly."""
+    then = int(ckpt.get("world_size", 1))
+    if then != world.size:
+        raise UserError(f"The checkpoint was trained on {then} process(es) but this launch has "
+                        f"{world.size}", "trainer.resume",
+                        f"Resume with the same world size (torchrun --nproc_per_node={then}"
+                        + (")" if then > 1 else " or plain `distill`)"))
 
 
 def final_evaluation(engine: Engine, run_dir: Path, mia: dict | None = None,

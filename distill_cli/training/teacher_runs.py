@@ -11,6 +11,7 @@ from distill_cli.config.build import TEACHER_SOURCE_KEYS
 from distill_cli.errors import UserError
 from distill_cli.runs.directory import check_same_run
 from distill_cli.teachers.build import StoreAccess
+from distill_cli.training.distributed import SINGLE
 
 
 def teacher_run_config(cfg: DictConfig, node: DictConfig | None = None) -> DictConfig:
@@ -66,7 +67,8 @@ def store_access(cfg: DictConfig, data, tty, run) -> StoreAccess:
         tcfg = teacher_run_config(cfg, node)
         tcfg.trainer.resume = "auto" if resume else None
         try:
-            return run(tcfg, run_dir, tty=tty, data=data, resume_hint=hint)
+            # one process: under torchrun only the rank holding the store's lock trains it
+            return run(tcfg, run_dir, tty=tty, data=data, resume_hint=hint, world=SINGLE)
         except UserError as err:
             raise _in_teacher_terms(err) from None
 
