@@ -16,10 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch/torchvision come from this machine's disk (pip's find-links); pinning them first
 	# keeps pip from resolving a multi-GB download.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,sweep,slurm]'
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv with torch 2.14.1 and distill_cli[dev]
+install: $(VENV)/.installed  ## create .venv with torch 2.14.1 and distill_cli[dev,sweep,slurm]
 
 data: install  ## make Fashion-MNIST available (local, Debian package, or torchvision download)
 	$(PY) -m distill_cli.data.fetch fashion_mnist
@@ -31,10 +31,12 @@ run: install data  ## the main job: quickstart sweep (teacher once; CE, KD, DKD 
 	echo "report plot: $$sweep/report.png"
 
 test: install data  ## the test suite (~3.5 min on 2 cores); slow tests: make test-slow
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow and not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "serial and not slow" $(PYTEST_ARGS)
 
 test-slow: install data  ## also the slow, longer real-data tests
-	$(PY) -m pytest -q -n 2 -m "slow or not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not serial" -p no:cacheprovider -o addopts="-ra --strict-markers" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m serial -o addopts="-ra --strict-markers" $(PYTEST_ARGS)
 
 bench: install data  ## speed benchmark (ratios side by side) -> benchmarks/results/speed.md
 	$(PY) benchmarks/bench_speed.py --out benchmarks/results/speed.md

@@ -16,15 +16,16 @@ from distill_cli.config.paths import CONF_DIR, CONF_PACKAGE
 _task_started = False
 
 
-def _run_task(task, cfg: DictConfig) -> None:
-    """Run a Hydra task; user errors exit 2 with one paragraph, interruptions with their code."""
+def _run_task(task, cfg: DictConfig):
+    """Run a Hydra task and return its result; user errors exit 2 with one paragraph,
+    interruptions with their code."""
     global _task_started
     _task_started = True
     from distill_cli.errors import UserError, exit_with
     from distill_cli.training.run import RunInterrupted
 
     try:
-        task(cfg)
+        return task(cfg)
     except UserError as err:
         exit_with(err)
     except RunInterrupted as stop:
@@ -32,9 +33,19 @@ def _run_task(task, cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="config")
-def _distill(cfg: DictConfig) -> None:
+def _distill(cfg: DictConfig) -> float | None:
+    """One job. Returns the run's objective for a Hydra sweeper (Optuna reads it): the task's
+    selection metric on VALIDATION, `best/val/<Task.selection_metric>` (val acc1 for
+    classification; higher is better) — never a test metric (the honest protocol). A
+    self-distillation run returns its final generation's. None when the run has no summary."""
+    from distill_cli import keys
+    from distill_cli.config.build import build_task
     from distill_cli.training.launch import launch
-    _run_task(launch, cfg)
+
+    summary = _run_task(launch, cfg)
+    metric = keys.join(keys.BEST_VAL, build_task(cfg.task).selection_metric)
+    value = summary.get(metric) if isinstance(summary, dict) else None
+    return None if value is None else float(value)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="search")
@@ -84,9 +95,84 @@ def _refuse_null_groups(argv: list[str]) -> None:
                                 "the options `distill --help` lists"))
 
 
+# `hydra/sweeper=` options that need the `hydra-optuna-sweeper` plugin (conf/hydra/sweeper/).
+OPTUNA_SWEEPERS = ("optuna", "optuna_task")
+
+
+def _check_sweeper(argv: list[str]) -> None:
+    """`hydra/sweeper=optuna` without the plugin is a composition error that names no package,
+    and with it Optuna MINIMISES by default while a job returns val acc1: say what to do, exit 2
+    (before Hydra creates a sweep dir)."""
+    import importlib.util
+
+    from distill_cli.errors import UserError, exit_with
+
+    choice = next((a.partition("=")[2] for a in argv
+                   if a.lstrip("+").partition("=")[0] == "hydra/sweeper"), None)
+    if choice not in OPTUNA_SWEEPERS:
+        return
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        exit_with(UserError(
+            f"`hydra/sweeper={choice}` needs Hydra's Optuna sweeper plugin, which is not "
+            "installed", "hydra/sweeper", "Install the `sweep` extra: `pip install -e '.[sweep]'` "
+            "in a checkout (`make install` does it) or `pip install 'distill_cli[sweep]'` "
+            "(hydra-optuna-sweeper with pinned optuna, sqlalchemy and alembic)"))
+    if choice == "optuna" and not any(a.startswith("hydra.sweeper.direction=") for a in argv):
+        exit_with(UserError(
+            "Optuna minimises by default, but each `distill` job returns the task's validation "
+            "selection metric (val acc1), where higher is better", "hydra.sweeper.direction",
+            "Use `hydra/sweeper=optuna_task` (Optuna, maximising), or add "
+            "`hydra.sweeper.direction=maximize`"))
+
+
+def _add_overrides(extra: list[str]) -> None:
+    """Insert overrides into sys.argv next to the user's: Hydra's parser takes the overrides as
+    ONE run of positional arguments, so they go right before the first one (or at the end)."""
+    at = next((i for i, a in enumerate(sys.argv[1:], 1)
+               if "=" in a and not a.startswith("-")), len(sys.argv))
+    sys.argv[at:at] = extra
+
+
+def _join_torchrun(argv: list[str]) -> None:
+    """Under torchrun every rank composes the same job: the same launch time (so one run dir:
+    rank 0's clock, broadcast), and only rank 0 writes Hydra's files and log into it."""
+    from distill_cli.config.resolvers import LAUNCH_TIME_ENV
+    from distill_cli.errors import UserError, exit_with
+    from distill_cli.training.distributed import init_world, launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return
+    if any(a in ("-m", "--multirun") for a in argv):
+        exit_with(UserError("A sweep (-m) cannot run inside torchrun: every rank would launch "
+                            "the whole sweep", "-m", "Run one job per torchrun, or sweep with "
+                            "`distill -m hydra/launcher=slurm` whose jobs start the ranks"))
+    import datetime
+
+    world = init_world()
+    os.environ[LAUNCH_TIME_ENV] = world.broadcast(datetime.datetime.now().isoformat())
+    if not world.is_main:
+        _add_overrides(["hydra.output_subdir=null", "hydra/job_logging=disabled",
+                        "hydra/hydra_logging=disabled"])
+
+
+#: launchers whose jobs may be requeued or re-submitted into the same run dir
+REQUEUING_LAUNCHERS = ("hydra/launcher=slurm", "hydra/launcher=local_array")
+
+
+def _continue_requeued_jobs(argv: list[str]) -> None:
+    """A requeued job (same overrides, same run dir) must continue its run, and a re-submitted
+    sweep must skip the runs that finished: `trainer.resume=if_any` unless the user chose."""
+    if any(a in REQUEUING_LAUNCHERS for a in argv) and not any(
+            a.startswith("trainer.resume=") for a in argv):
+        _add_overrides(["trainer.resume=if_any"])
+
+
 def distill_main() -> None:
     tune_allocator()
+    _join_torchrun(sys.argv[1:])
     _refuse_null_groups(sys.argv[1:])
+    _check_sweeper(sys.argv[1:])
+    _continue_requeued_jobs(sys.argv[1:])
     _composition_errors_exit_2(_distill)
 
 

@@ -9,7 +9,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
 from distill_cli.errors import UserError, exit_with
-from distill_cli.runs.directory import check_run_dir
+from distill_cli.runs.directory import RunFinished, check_run_dir
 
 
 class RunDirGuard(Callback):
@@ -20,6 +20,8 @@ class RunDirGuard(Callback):
         resume = config.trainer.get("resume")
         try:
             existing = check_run_dir(run_dir, resume)
+        except RunFinished:   # trainer.resume=if_any: the run reports itself finished
+            existing = True
         except UserError as err:
             exit_with(err)
         if existing and resume is not None:

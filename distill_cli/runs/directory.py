@@ -15,21 +15,56 @@ LAST = Path("checkpoints") / "last.pt"
 RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.log_every_n_steps",
                     "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger",
                     "trainer.channels_last", "trainer.compile", "teacher.outputs", "eval",
+                    "trainer.threads",
                     # removed (recipe_loss/ replaced it); its values show in `loss.*` anyway
                     "loss_options")
 # Keys added after checkpoints already existed, with the value that reproduces what those runs
 # computed: a checkpoint without the key counts as having that value.
 ADDED_KEYS = {"teachers": [], "self_distill.generations": 0, "self_distill.alpha": 0.5,
-              "task._target_": "distill_cli.tasks.classification.task.ClassificationTask"}
+              "task._target_": "distill_cli.tasks.classification.task.ClassificationTask",
+              "trainer.sync_batchnorm": False, "trainer.threads": "auto"}
+
+
+class RunFinished(UserError):
+    """`trainer.resume=if_any` found a finished run: nothing to do, and nothing is rerun or
+    rewritten. Exit code 0 (the run is done); `summary` is its summary.json, which is what
+    `run()` returns for it once it catches this (see check_run_dir)."""
+
+    exit_code = 0
+
+    def __init__(self, run_dir: Path, summary: dict):
+        self.run_dir, self.summary = Path(run_dir), summary
+        super().__init__(f"The run in {run_dir} already finished; trainer.resume=if_any leaves "
+                         "a finished run as it is (nothing rerun)", "trainer.resume",
+                         "To train it further, fork it into a new run dir: "
+                         "trainer.resume=<run>/checkpoints/last.pt and a larger trainer.epochs")
 
 
 def check_run_dir(run_dir: Path, resume: str | None) -> bool:
     """Return True when `run_dir` already holds a run this launch continues; raise UserError
-    when the launch would overwrite a run or has nothing to resume."""
+    when the launch would overwrite a run or has nothing to resume.
+
+    `resume=if_any` (requeued or re-submitted sweep jobs, e.g. `hydra/launcher=slurm`): an
+    unfinished run (with checkpoints/last.pt, or a self-distillation run) is continued like
+    `auto`; a dir without one starts fresh — empty, or a job stopped before its first
+    checkpoint (summary.json only: no epoch was recorded, nothing is lost); a finished run
+    raises `RunFinished` (exit 0, nothing rerun); last.pt missing while metrics.jsonl has
+    epochs is refused like a fresh launch."""
     run_dir = Path(run_dir)
     summary = read_json(run_dir / "summary.json") or {}
     has_last = (run_dir / LAST).is_file()
     status = summary.get(keys.STATUS)
+    if resume == "if_any":
+        if status == "finished":
+            raise RunFinished(run_dir, summary)
+        if has_last or keys.GENERATIONS in summary:
+            return True
+        if _has_epochs(run_dir):
+            raise UserError(f"{run_dir} has recorded epochs (metrics.jsonl) but no "
+                            "checkpoints/last.pt to continue them from; refusing to overwrite "
+                            "it", "hydra.run.dir", "Choose another hydra.run.dir (or sweep "
+                            "dir), or move that run away")
+        return False
     if resume == "auto":
         # a self-distillation run (`generations` in its summary) is made of generation run dirs
         # and has no last.pt of its own: it continues from them
@@ -54,17 +89,25 @@ def check_run_dir(run_dir: Path, resume: str | None) -> bool:
     return False
 
 
+def _has_epochs(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and bool(metrics.read_text().strip())
+
+
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     """The checkpoint file to resume from, or None for a fresh run."""
     if resume is None:
         return None
     if resume == "auto":
         return Path(run_dir) / LAST
+    if resume == "if_any":   # check_run_dir decided: continue when last.pt is there
+        last = Path(run_dir) / LAST
+        return last if last.is_file() else None
     path = Path(str(resume)).expanduser()
     if not path.is_file():
         raise UserError(f"trainer.resume={resume} does not exist", "trainer.resume",
-                        "Pass a checkpoint file such as <run>/checkpoints/last.pt, or "
-                        "trainer.resume=auto with hydra.run.dir=<run>")
+                        "Pass a checkpoint file such as <run>/checkpoints/last.pt, "
+                        "trainer.resume=auto with hydra.run.dir=<run>, or trainer.resume=if_any")
     return path
 
 

@@ -35,7 +35,7 @@ from distill_cli.config.build import TEACHER_SOURCE_KEYS, build_data
 from distill_cli.tasks.classification.evaluate import predict
 from distill_cli.errors import UserError
 from distill_cli.losses.self_distill import SelfDistill
-from distill_cli.runs.directory import check_run_dir
+from distill_cli.runs.directory import RunFinished, check_run_dir
 from distill_cli.teachers.load import frozen_from_checkpoint
 from distill_cli.io import read_json, write_json
 from distill_cli.training.plan import pick_device, validate
@@ -70,7 +70,7 @@ def check_options(cfg: DictConfig) -> tuple[int, float | str]:
                             or not 0.0 <= float(alpha) <= 1.0):
         raise UserError(f"self_distill.alpha={alpha!r} must be in [0, 1] or auto",
                         "self_distill.alpha", "Use e.g. 0.5, or auto")
-    if cfg.trainer.resume not in (None, "auto"):
+    if cfg.trainer.resume not in (None, "auto", "if_any"):
         raise UserError("A self-distillation run continues as a whole, not from one checkpoint",
                         "trainer.resume", "Use trainer.resume=auto with hydra.run.dir=<the run>")
     return generations, alpha
@@ -97,7 +97,10 @@ def run_generations(cfg: DictConfig, run_dir=None, tty=None, data=None) -> dict:
     validate(cfg)
     generations, alpha = check_options(cfg)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    check_run_dir(run_dir, cfg.trainer.resume)   # never overwrite; resume=auto needs a run
+    try:   # never overwrite; resume=auto needs a run
+        check_run_dir(run_dir, cfg.trainer.resume)
+    except RunFinished as done:   # resume=if_any on a finished run: nothing to do
+        return done.summary
     device = pick_device(cfg.trainer.device)
     data = data if data is not None else build_data(cfg.dataset).to(device)
 

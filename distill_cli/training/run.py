@@ -24,12 +24,14 @@ from distill_cli.evaluation.privacy import membership_auc
 from distill_cli.io import read_json, write_json
 from distill_cli.reporting.tracking import ConsoleReporter, MetricsFile, NullLogger, SilentReporter
 from distill_cli.runs import checkpoint
-from distill_cli.runs.directory import check_run_dir, check_same_run, resolve_resume
+from distill_cli.runs.directory import (RunFinished, check_run_dir, check_same_run,
+                                        resolve_resume)
 from distill_cli.training.engine import Engine, RunSinks
 from distill_cli.training.distributed import World, init_world
 from distill_cli.training.plan import checked_plan, pick_device, validate
 from distill_cli.training.settings import TrainerSettings
 from distill_cli.training.teacher_runs import store_access
+from distill_cli.training.threads import apply_thread_budget
 from distill_cli.training.teacher_setup import (choose_topology, optimizer_and_schedule,
                                                 teacher_models)
 
@@ -59,10 +61,21 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     started = time.time()
     world = world or init_world()
     validate(cfg)
+    threads = apply_thread_budget(cfg.trainer.get("threads", "auto"))
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     # one run dir for the job: rank 0 alone applies the run-dir rules and writes into it
-    continuing = world.broadcast(check_run_dir(run_dir, cfg.trainer.resume)
-                                 if world.is_main else None)
+    verdict = None
+    if world.is_main:
+        try:
+            verdict = check_run_dir(run_dir, cfg.trainer.resume)
+        except RunFinished as done:   # trainer.resume=if_any on a finished run: nothing to do
+            verdict = done.summary
+    verdict = world.broadcast(verdict)
+    if isinstance(verdict, dict):
+        if world.is_main:
+            ConsoleReporter(0, tty=tty).stage(f"{run_dir} already finished (trainer.resume=if_any)")
+        return verdict
+    continuing = verdict
     resume_path = resolve_resume(run_dir, cfg.trainer.resume)
     resumed = checkpoint.load(resume_path, "trainer.resume") if resume_path else None
     if resumed is not None:
@@ -127,7 +140,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                keys.DATASET: data.name, keys.STUDENT: cfg.student.arch,
                keys.TEACHER_ARCH: cfg.teacher.get("arch"),
                keys.LOSS: cfg.loss._target_.rsplit(".", 1)[-1],
-               keys.WANDB_ID: logger.run_id, **teacher_info,
+               keys.WANDB_ID: logger.run_id, **teacher_info, "threads": threads,
+               "world_size": world.size,
                # whether the allocator settings of `distill` (cli.MALLOC_TUNING) are in force
                "malloc_tuned": "MALLOC_MMAP_THRESHOLD_" in os.environ}
     write(run_dir / "summary.json", summary)
