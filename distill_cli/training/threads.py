@@ -1,8 +1,8 @@
 """The run's share of the CPU cores (`trainer.threads`).
 
 Measured on this project's 2-core machine: two runs side by side with torch's default threads
-(each takes every core) trained at half the speed of one run alone, together; with one thread
-each, 1.29x one run alone (benchmarks/results/threads.md). So whatever starts several
+(each takes every core) did 0.52x the work of one run alone, together; with one thread each,
+1.44x (benchmarks/results/threads.md). So whatever starts several
 processes gives each cores // processes threads: the joblib and local-array launchers set
 OMP_NUM_THREADS for their jobs, and torchrun's ranks take cores // ranks-per-node here.
 """
