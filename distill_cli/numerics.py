@@ -6,11 +6,19 @@ import contextlib
 import torch
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast when `trainer.precision=bf16`, else a no-op context."""
-    if str(precision) == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 / fp16 autocast for `trainer.precision=bf16|fp16`, else a no-op context."""
+    if str(precision) in AUTOCAST:
+        return torch.autocast(device_type=device.type, dtype=AUTOCAST[str(precision)])
     return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16's loss scaling (its gradients underflow without it); a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=str(precision) == "fp16")
 
 
 def quantise(logits: torch.Tensor, dtype: str) -> torch.Tensor:

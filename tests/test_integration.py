@@ -126,6 +126,22 @@ def test_bf16_precision_runs_on_cpu(tmp_path):
     assert summary["status"] == "finished" and summary["best/test/acc1"] > 30.0
 
 
+def test_fp16_with_loss_scaling_learns_and_resumes_exactly(tmp_path, digits_teacher):
+    """trainer.precision=fp16: autocast to float16 with a GradScaler (its state in the
+    checkpoint, so a stopped run continues bit-exactly), clipping the unscaled gradients."""
+    base = DIGITS + ["teacher=resnet8", f"teacher.checkpoint={digits_teacher}", "student=mlp",
+                     "loss=kd", "trainer.precision=fp16", "trainer.grad_clip=5.0"]
+    summary = run(make_cfg(base), tmp_path / "full", tty=False)
+    assert summary["status"] == "finished" and summary["best/test/acc1"] > 30.0
+    ckpt = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0
+    with pytest.raises(RunInterrupted):
+        run(make_cfg(base + ["trainer.stop_at_step=25"]), tmp_path / "parted", tty=False)
+    run(make_cfg(base + ["trainer.resume=auto"]), tmp_path / "parted", tty=False)
+    a, b = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "parted")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_mnist1d_cnn1d_learns(tmp_path):
     summary = run(make_cfg(["dataset=mnist1d", "logger=none", "student=cnn1d", "loss=ce",
                             "trainer.epochs=3", "trainer.batch_size=100",

@@ -58,10 +58,13 @@ class TeacherSignal:
     def zero_grad(self) -> None:
         pass
 
+    def unscale(self, scaler) -> None:
+        pass
+
     def clip_grad(self, max_norm: float) -> None:
         pass
 
-    def step(self) -> None:
+    def step(self, scaler) -> None:
         pass
 
     def train(self) -> None:
@@ -182,11 +185,14 @@ class OnlineTeacher(TeacherSignal):
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def unscale(self, scaler) -> None:
+        scaler.unscale_(self.optimizer)
+
     def clip_grad(self, max_norm: float) -> None:
         nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def step(self) -> None:
-        self.optimizer.step()
+    def step(self, scaler) -> None:
+        scaler.step(self.optimizer)   # skipped, like the student's, when fp16 overflowed
         self.scheduler.step()
 
     def train(self) -> None:

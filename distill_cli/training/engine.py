@@ -23,7 +23,7 @@ from torch import nn
 from distill_cli import keys
 from distill_cli.runs import checkpoint
 from distill_cli.losses.base import Objective, StepContext
-from distill_cli.numerics import autocast
+from distill_cli.numerics import autocast, grad_scaler
 from distill_cli.training.distributed import SINGLE, World
 from distill_cli.training.settings import TrainerSettings
 
@@ -94,6 +94,8 @@ class Engine:
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.state = TrainState()
         self.stop = StopRequest()
+        # fp16 scales the loss so its gradients do not underflow; a pass-through otherwise
+        self.scaler = grad_scaler(device, settings.precision)
 
     # ------------------------------------------------------------------ checkpoints
     def payload(self) -> dict:
@@ -107,6 +109,7 @@ class Engine:
             "state": asdict(self.state),
             "rng": checkpoint.rng_state(),
             keys.WANDB_ID: self.logger.run_id,
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
         }
 
     def restore(self, ckpt: dict) -> None:
@@ -115,6 +118,8 @@ class Engine:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.objective.load_state_dict(ckpt["objective"])
         self.teacher.load_state_dict(ckpt)
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
         state = dict(ckpt["state"])
         if "best_acc1" in state:   # checkpoints written before the task seam
             state["best_score"] = state.pop("best_acc1")
@@ -140,15 +145,18 @@ class Engine:
                                                ctx)
         self.optimizer.zero_grad(set_to_none=True)
         self.teacher.zero_grad()
-        self.teacher.backward_loss(terms).backward()
+        self.scaler.scale(self.teacher.backward_loss(terms)).backward()
         self.world.average_gradients([*self.objective.parameters(),
                                       *self.teacher.trained_parameters()])
         if self.settings.grad_clip:
+            self.scaler.unscale_(self.optimizer)   # clip the true gradients
+            self.teacher.unscale(self.scaler)
             nn.utils.clip_grad_norm_(self.student.parameters(), float(self.settings.grad_clip))
             self.teacher.clip_grad(float(self.settings.grad_clip))
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
         self.scheduler.step()
-        self.teacher.step()
+        self.teacher.step(self.scaler)
+        self.scaler.update()
         self.objective.after_step(terms, ctx)
         return terms
 

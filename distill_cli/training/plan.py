@@ -26,9 +26,9 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise UserError(f"`{key}` must be a positive number, got {value!r}", key,
                             f"Pass e.g. {key}=" + ("0.05" if key == "optimizer.lr" else "10"))
-    if str(cfg.trainer.precision) not in ("32", "bf16"):
+    if str(cfg.trainer.precision) not in ("32", "bf16", "fp16"):
         raise UserError(f"trainer.precision={cfg.trainer.precision} is not supported",
-                        "trainer.precision", "Use 32 or bf16")
+                        "trainer.precision", "Use 32, bf16 or fp16 (with loss scaling)")
     if cfg.trainer.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"trainer.device={cfg.trainer.device} is not supported",
                         "trainer.device", "Use auto, cpu or cuda")
