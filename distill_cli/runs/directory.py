@@ -15,7 +15,7 @@ LAST = Path("checkpoints") / "last.pt"
 RESUME_FREE_KEYS = ("trainer.resume", "trainer.stop_at_step", "trainer.log_every_n_steps",
                     "trainer.checkpoint_every_n_steps", "trainer.eval_batch_size", "logger",
                     "trainer.channels_last", "trainer.compile", "teacher.outputs", "eval",
-                    "trainer.threads",
+                    "trainer.threads", "trainer.cudnn_benchmark",
                     # removed (recipe_loss/ replaced it); its values show in `loss.*` anyway
                     "loss_options")
 # Keys added after checkpoints already existed, with the value that reproduces what those runs

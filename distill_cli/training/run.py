@@ -89,6 +89,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         lambda total: SilentReporter())
 
     device = pick_device(cfg.trainer.device)
+    if device.type == "cuda":   # kernel autotuning: speed over bit-exact repeatability
+        torch.backends.cudnn.benchmark = bool(cfg.trainer.get("cudnn_benchmark", False))
     data = data if data is not None else build_data(cfg.dataset).to(device)
     if plan.pgd is not None:
         pixel_stats(data.test, "eval.pgd")   # an attack needs a [0, 1] pixel space
