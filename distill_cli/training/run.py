@@ -63,19 +63,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     validate(cfg)
     threads = apply_thread_budget(cfg.trainer.get("threads", "auto"))
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    # one run dir for the job: rank 0 alone applies the run-dir rules and writes into it
-    verdict = None
-    if world.is_main:
-        try:
-            verdict = check_run_dir(run_dir, cfg.trainer.resume)
-        except RunFinished as done:   # trainer.resume=if_any on a finished run: nothing to do
-            verdict = done.summary
-    verdict = world.broadcast(verdict)
-    if isinstance(verdict, dict):
+    continuing = claim_run_dir(run_dir, cfg.trainer.resume, world)
+    if isinstance(continuing, dict):   # trainer.resume=if_any on a finished run: its summary
         if world.is_main:
             ConsoleReporter(0, tty=tty).stage(f"{run_dir} already finished (trainer.resume=if_any)")
-        return verdict
-    continuing = verdict
+        return continuing
     resume_path = resolve_resume(run_dir, cfg.trainer.resume)
     resumed = checkpoint.load(resume_path, "trainer.resume") if resume_path else None
     if resumed is not None:
@@ -106,21 +98,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     if plan.label_free:   # after the teacher: a teacher the store trains learns from the labels
         data = unlabeled.student_view(cfg.dataset, data, lambda node: build_data(
             node, "dataset.extra_unlabeled"))
-    torch.manual_seed(int(cfg.seed))
-    student = task.build_model(cfg.student, "student", data).to(device)
-    if world.distributed and cfg.trainer.get("sync_batchnorm"):   # CUDA only (plan.py)
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    # trainable heads (feature methods) are created from the models' shapes, then optimised
-    # with the student and saved in checkpoints (`objective`), never in the exported student
-    objective.bind(student, teachers or teacher, data)
-    objective.to(device)
     settings = TrainerSettings.from_config(cfg.trainer, runs_channels_last(cfg, data))
-    if settings.channels_last:
-        # NHWC lets oneDNN/cuDNN pick faster conv kernels (measured in benchmarks/); the
-        # objective's conv heads see the same NHWC maps
-        for model in (student, teacher, *teachers, objective):
-            if model is not None:
-                model.to(memory_format=torch.channels_last)
+    student = build_student(cfg, task, objective, teacher, teachers, data, device, settings,
+                            world)
     steps_per_epoch = data.train.num_batches(settings.batch_size, train=True)
     if steps_per_epoch == 0:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the "
@@ -212,6 +192,39 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         raise
     finally:
         logger.finish(exit_code)
+
+
+def claim_run_dir(run_dir: Path, resume, world: World) -> bool | dict:
+    """One run dir for the job: rank 0 alone applies the run-dir rules (runs/directory.py) and
+    tells the others. True: this launch continues the run in it; False: a fresh run; a dict:
+    `trainer.resume=if_any` found the run finished (its summary)."""
+    verdict = None
+    if world.is_main:
+        try:
+            verdict = check_run_dir(run_dir, resume)
+        except RunFinished as done:
+            verdict = done.summary
+    return world.broadcast(verdict)
+
+
+def build_student(cfg: DictConfig, task, objective, teacher, teachers: list, data, device,
+                  settings: TrainerSettings, world: World) -> nn.Module:
+    """The student, seeded by `seed`, with the objective's trainable heads bound to it (created
+    from the models' shapes, optimised with the student, saved in checkpoints as `objective`,
+    never in the exported student) and every network in the run's memory format."""
+    torch.manual_seed(int(cfg.seed))
+    student = task.build_model(cfg.student, "student", data).to(device)
+    if world.distributed and cfg.trainer.get("sync_batchnorm"):   # CUDA only (plan.py)
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    objective.bind(student, teachers or teacher, data)
+    objective.to(device)
+    if settings.channels_last:
+        # NHWC lets oneDNN/cuDNN pick faster conv kernels (measured in benchmarks/); the
+        # objective's conv heads see the same NHWC maps
+        for model in (student, teacher, *teachers, objective):
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
+    return student
 
 
 def check_same_world(ckpt: dict, world: World) -> None:
