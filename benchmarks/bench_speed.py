@@ -114,7 +114,7 @@ def main() -> None:
     os.environ["DISTILL_HOME"] = str(workdir / "home")
     os.environ["WANDB_MODE"] = "disabled"
     limit = args.steps * args.batch
-    common = ["dataset=fashion_mnist", f"dataset.limit_train={limit}", "dataset.limit_eval=1024",
+    common = ["trainer.channels_last=false", "dataset=fashion_mnist", f"dataset.limit_train={limit}", "dataset.limit_eval=1024",
               "logger=none", "trainer.epochs=1", f"trainer.batch_size={args.batch}",
               "trainer.log_every_n_steps=1000000", "optimizer.lr=0.1", "optimizer.nesterov=true",
               "scheduler=none"] + STUDENT

@@ -23,8 +23,10 @@ os.environ["DISTILL_HOME"] = tempfile.mkdtemp(prefix="distill-test-home-")
 torch.set_num_threads(1)  # pytest-xdist runs one worker per core
 
 # A tiny, fast run on sklearn digits (1x8x8, 10 classes): the integration tests' base.
+# NCHW pinned: the runs that tests compare (and tests/test_pinned_run.py) predate `auto`.
 DIGITS = ["dataset=digits", "logger=none", "trainer.batch_size=64", "trainer.epochs=2",
-          "trainer.log_every_n_steps=5", "scheduler=none", "optimizer.lr=0.05"]
+          "trainer.log_every_n_steps=5", "scheduler=none", "optimizer.lr=0.05",
+          "trainer.channels_last=false"]
 
 
 def make_cfg(overrides: list[str]) -> DictConfig:

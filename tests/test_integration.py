@@ -142,6 +142,24 @@ def test_fp16_with_loss_scaling_learns_and_resumes_exactly(tmp_path, digits_teac
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("student,setting,nhwc", [("cnn_small", "auto", True),
+                                                  ("mlp", "auto", False),
+                                                  ("cnn_small", "false", False),
+                                                  ("mlp", "true", True)])
+def test_channels_last_auto_means_conv_nets_on_images(tmp_path, student, setting, nhwc):
+    cfg = make_cfg([a for a in DIGITS if not a.startswith("trainer.channels_last")] + [
+        f"student={student}", "loss=ce", "trainer.epochs=1", f"trainer.channels_last={setting}"])
+    summary = run(cfg, tmp_path / "r", tty=False)
+    assert summary["channels_last"] is nhwc and summary["status"] == "finished"
+
+
+def test_channels_last_never_applies_to_1d_signals(tmp_path):
+    summary = run(make_cfg(["dataset=mnist1d", "logger=none", "student=cnn1d", "loss=ce",
+                            "trainer.epochs=1", "dataset.limit_train=256",
+                            "trainer.channels_last=true"]), tmp_path / "r", tty=False)
+    assert summary["channels_last"] is False
+
+
 def test_mnist1d_cnn1d_learns(tmp_path):
     summary = run(make_cfg(["dataset=mnist1d", "logger=none", "student=cnn1d", "loss=ce",
                             "trainer.epochs=3", "trainer.batch_size=100",

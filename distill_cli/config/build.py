@@ -79,12 +79,6 @@ def _without(node: DictConfig, keys) -> DictConfig:
     return OmegaConf.create({k: v for k, v in plain.items() if k not in keys})
 
 
-def runs_channels_last(cfg: DictConfig, data) -> bool:
-    """`trainer.channels_last` applies to image inputs (C, H, W) only: 1-D signals and
-    tabular inputs have no NHWC layout."""
-    return bool(cfg.trainer.channels_last) and len(data.input_shape) == 3
-
-
 def build_data(node: DictConfig, key: str = "dataset"):
     return instantiate(_without(node, DATA_RUN_KEYS), key)
 

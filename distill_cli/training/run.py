@@ -16,7 +16,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import __version__, keys
-from distill_cli.config.build import build_data, build_logger, model_node, runs_channels_last
+from distill_cli.config.build import build_data, build_logger, model_node
+from distill_cli.models.memory_format import channels_last_for
 from distill_cli.data import unlabeled
 from distill_cli.errors import UserError
 from distill_cli.evaluation.adversarial import pixel_stats, robust_accuracy
@@ -98,9 +99,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     if plan.label_free:   # after the teacher: a teacher the store trains learns from the labels
         data = unlabeled.student_view(cfg.dataset, data, lambda node: build_data(
             node, "dataset.extra_unlabeled"))
-    settings = TrainerSettings.from_config(cfg.trainer, runs_channels_last(cfg, data))
-    student = build_student(cfg, task, objective, teacher, teachers, data, device, settings,
-                            world)
+    student, channels_last = build_student(cfg, task, objective, teacher, teachers, data,
+                                           device, world)
+    settings = TrainerSettings.from_config(cfg.trainer, channels_last)
     steps_per_epoch = data.train.num_batches(settings.batch_size, train=True)
     if steps_per_epoch == 0:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the "
@@ -123,6 +124,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                keys.TEACHER_ARCH: cfg.teacher.get("arch"),
                keys.LOSS: cfg.loss._target_.rsplit(".", 1)[-1],
                keys.WANDB_ID: logger.run_id, **teacher_info, "threads": threads,
+               "channels_last": settings.channels_last,
                "world_size": world.size,
                # whether the allocator settings of `distill` (cli.MALLOC_TUNING) are in force
                "malloc_tuned": "MALLOC_MMAP_THRESHOLD_" in os.environ}
@@ -208,23 +210,23 @@ def claim_run_dir(run_dir: Path, resume, world: World) -> bool | dict:
 
 
 def build_student(cfg: DictConfig, task, objective, teacher, teachers: list, data, device,
-                  settings: TrainerSettings, world: World) -> nn.Module:
-    """The student, seeded by `seed`, with the objective's trainable heads bound to it (created
-    from the models' shapes, optimised with the student, saved in checkpoints as `objective`,
-    never in the exported student) and every network in the run's memory format."""
+                  world: World) -> tuple[nn.Module, bool]:
+    """(the student, whether the run is NHWC): the student seeded by `seed`, with the
+    objective's trainable heads bound to it (created from the models' shapes, optimised with
+    the student, saved in checkpoints as `objective`, never in the exported student) and every
+    network in the run's memory format (`trainer.channels_last`, models/memory_format.py)."""
     torch.manual_seed(int(cfg.seed))
     student = task.build_model(cfg.student, "student", data).to(device)
     if world.distributed and cfg.trainer.get("sync_batchnorm"):   # CUDA only (plan.py)
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     objective.bind(student, teachers or teacher, data)
     objective.to(device)
-    if settings.channels_last:
-        # NHWC lets oneDNN/cuDNN pick faster conv kernels (measured in benchmarks/); the
-        # objective's conv heads see the same NHWC maps
+    channels_last = channels_last_for(cfg.trainer.channels_last, data.input_shape, student)
+    if channels_last:   # the objective's conv heads see the same NHWC maps
         for model in (student, teacher, *teachers, objective):
             if model is not None:
                 model.to(memory_format=torch.channels_last)
-    return student
+    return student, channels_last
 
 
 def check_same_world(ckpt: dict, world: World) -> None:

@@ -20,7 +20,7 @@ class TrainerSettings:
     @classmethod
     def from_config(cls, node, channels_last: bool) -> "TrainerSettings":
         """`node` is the composed `trainer` node; `channels_last` whether NHWC applies to this
-        run's inputs (config.build.runs_channels_last)."""
+        run (models/memory_format.py)."""
         known = {f.name for f in fields(cls)}
         values = {k: node.get(k) for k in known if node.get(k) is not None}
         values.update(epochs=int(node.epochs), batch_size=int(node.batch_size),
