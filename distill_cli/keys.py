@@ -60,6 +60,10 @@ BEST_TEST_PGD_ACC1 = "best/test/pgd_acc1"  # PGD robust test top-1 of best.pt, p
 LAST_TEST_PGD_ACC1 = "last/test/pgd_acc1"  # PGD robust test top-1 of the final weights, percent
 TEACHER_TEST_ACC1 = "teacher/test/acc1"  # test top-1 of the teacher, percent
 TRAIN_IMAGES_PER_S = "train/images_per_s"  # training throughput of the last epoch, images/s
+THREADS = "threads"  # CPU threads the run trained with (trainer.threads, training/threads.py)
+CHANNELS_LAST = "channels_last"  # whether the run's networks were NHWC (trainer.channels_last)
+WORLD_SIZE = "world_size"  # data-parallel processes (torchrun ranks); also in every checkpoint
+MALLOC_TUNED = "malloc_tuned"  # whether the allocator settings of `distill` were in force
 
 # --------------------------------------------------------------------------- teacher info
 # Where the teacher came from; `teacher/key`, `teacher/checkpoint`, `teacher/source`,

@@ -1,13 +1,14 @@
 """Teacher topologies: where a run's teacher signal comes from, as objects.
 
-The launcher picks one (`choose` in training/run.py) from the objective's type and the teacher
-setup; the engine calls the hooks below and has no branch per topology:
+`choose_topology` (training/teacher_setup.py) picks one from the objective's type and the
+teacher setup; the engine calls the hooks below and has no branch per topology:
 
     begin_epoch(epoch)        before an epoch's first step (a stored table is loaded here)
     train_logits(batch)       the signal an objective's step reads for `batch`
     backward_loss(terms)      what one backward pass differentiates (the online teacher adds
                               its own loss: each side sees the other detached)
-    zero_grad / clip_grad / step / train / trained_parameters   the networks it trains, if any
+    zero_grad / unscale / clip_grad / step / train / trained_parameters
+                              the networks it trains, if any
     state_dict / load_state_dict           their checkpoint entries (exact resume)
     reference(split)          the teacher's outputs on an evaluation split (agreement)
     references(split)         every teacher's outputs, by summary prefix (teacher/test/*)
@@ -97,21 +98,34 @@ class TeacherSignal:
                                  self.device, self.precision)[0]
 
 
-class FrozenTeacher(TeacherSignal):
-    """One frozen teacher, served from the output store (`outputs`) or run live every step.
-    `feeds_training`: the objective reads it (a CE baseline with a teacher only evaluates it)."""
+class _Frozen(TeacherSignal):
+    """Frozen teacher(s) whose outputs come from the output store (`outputs`: an epoch's train
+    table, the eval tables) or from a live forward. `feeds_training`: the objective reads them
+    (a CE baseline with a teacher only evaluates it)."""
 
-    def __init__(self, model: nn.Module, outputs=None, dtype: str = "float32",
+    def __init__(self, models: list[nn.Module], outputs=None, dtype: str = "float32",
                  feeds_training: bool = True, **kw):
         super().__init__(**kw)
-        self.model, self.models = model, [model]
-        self.outputs, self.dtype, self.feeds_training = outputs, dtype, feeds_training
+        self.models, self.outputs, self.dtype = list(models), outputs, dtype
+        self.feeds_training = feeds_training
         self._table: torch.Tensor | None = None
-        self._cached: dict[str, torch.Tensor] = {}
 
     def begin_epoch(self, epoch: int) -> None:
         if self.outputs is not None and self.feeds_training:
             self._table = self.outputs.train_table(epoch)
+
+    def summary(self) -> dict:
+        return self.outputs.stats() if self.outputs is not None else {keys.TEACHER_OUTPUTS: "live"}
+
+
+class FrozenTeacher(_Frozen):
+    """One frozen teacher, served from the output store or run live every step."""
+
+    def __init__(self, model: nn.Module, outputs=None, dtype: str = "float32",
+                 feeds_training: bool = True, **kw):
+        super().__init__([model], outputs, dtype, feeds_training, **kw)
+        self.model = model
+        self._cached: dict[str, torch.Tensor] = {}
 
     def train_logits(self, batch) -> torch.Tensor:
         if self._table is not None:
@@ -129,32 +143,17 @@ class FrozenTeacher(TeacherSignal):
     def reference(self, split: str) -> torch.Tensor:
         return self._eval(split)
 
-    def summary(self) -> dict:
-        return self.outputs.stats() if self.outputs is not None else {keys.TEACHER_OUTPUTS: "live"}
-
     def references(self, split: str) -> dict[str, torch.Tensor]:
         return {keys.TEACHER: self._eval(split)}
 
 
-class TeacherPool(TeacherSignal):
+class TeacherPool(_Frozen):
     """Several frozen teachers: `[K, B, C]` stacked outputs, stored (a `PoolOutputs`) or live."""
-
-    def __init__(self, models: list[nn.Module], outputs=None, dtype: str = "float32", **kw):
-        super().__init__(**kw)
-        self.models, self.outputs, self.dtype = list(models), outputs, dtype
-        self._table: torch.Tensor | None = None
-
-    def begin_epoch(self, epoch: int) -> None:
-        if self.outputs is not None:
-            self._table = self.outputs.train_table(epoch)
 
     def train_logits(self, batch) -> torch.Tensor:
         if self._table is not None:   # [N, K, C] rows -> [K, B, C]
             return self._table.index_select(0, batch.index).transpose(0, 1)
         return torch.stack([frozen_logits(t, batch.x, self.dtype) for t in self.models])
-
-    def summary(self) -> dict:
-        return self.outputs.stats() if self.outputs is not None else {keys.TEACHER_OUTPUTS: "live"}
 
     def references(self, split: str) -> dict[str, torch.Tensor]:
         out = {}

@@ -94,6 +94,9 @@ class Engine:
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.state = TrainState()
         self.stop = StopRequest()
+        # trained outside the DDP-wrapped student (objective heads, an online teacher): averaged
+        # over ranks after backward; listed once, not every step
+        self.unwrapped_parameters = [*objective.parameters(), *teacher.trained_parameters()]
         # fp16 scales the loss so its gradients do not underflow; a pass-through otherwise
         self.scaler = grad_scaler(device, settings.precision)
 
@@ -146,8 +149,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         self.teacher.zero_grad()
         self.scaler.scale(self.teacher.backward_loss(terms)).backward()
-        self.world.average_gradients([*self.objective.parameters(),
-                                      *self.teacher.trained_parameters()])
+        self.world.average_gradients(self.unwrapped_parameters)
         if self.settings.grad_clip:
             self.scaler.unscale_(self.optimizer)   # clip the true gradients
             self.teacher.unscale(self.scaler)

@@ -123,18 +123,18 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                keys.DATASET: data.name, keys.STUDENT: cfg.student.arch,
                keys.TEACHER_ARCH: cfg.teacher.get("arch"),
                keys.LOSS: cfg.loss._target_.rsplit(".", 1)[-1],
-               keys.WANDB_ID: logger.run_id, **teacher_info, "threads": threads,
-               "channels_last": settings.channels_last,
-               "world_size": world.size,
+               keys.WANDB_ID: logger.run_id, **teacher_info, keys.THREADS: threads,
+               keys.CHANNELS_LAST: settings.channels_last, keys.WORLD_SIZE: world.size,
                # whether the allocator settings of `distill` (cli.MALLOC_TUNING) are in force
-               "malloc_tuned": "MALLOC_MMAP_THRESHOLD_" in os.environ}
+               keys.MALLOC_TUNED: "MALLOC_MMAP_THRESHOLD_" in os.environ}
     write(run_dir / "summary.json", summary)
     reporter = console(steps_per_epoch * settings.epochs)
     meta = {"config": resolved, "overrides": overrides,
             "model_config": OmegaConf.to_container(model_node(cfg.student)),
             "data": {"name": data.name, "num_classes": data.num_classes,
                      "input_shape": list(data.input_shape)},
-            "git": summary[keys.GIT], "code_version": __version__, "world_size": world.size}
+            "git": summary[keys.GIT], "code_version": __version__,
+            keys.WORLD_SIZE: world.size}
     topology = choose_topology(cfg, task=task, objective=objective, teacher=teacher, pool=pool,
                                teacher_info=teacher_info, data=data, device=device,
                                reporter=reporter, mix=plan.mix, steps_per_epoch=steps_per_epoch,
@@ -232,7 +232,7 @@ def build_student(cfg: DictConfig, task, objective, teacher, teachers: list, dat
 def check_same_world(ckpt: dict, world: World) -> None:
     """Resuming on another number of ranks would change the reduction order (and, with
     BatchNorm, the statistics): refused rather than continued inexactly."""
-    then = int(ckpt.get("world_size", 1))
+    then = int(ckpt.get(keys.WORLD_SIZE, 1))
     if then != world.size:
         raise UserError(f"The checkpoint was trained on {then} process(es) but this launch has "
                         f"{world.size}", "trainer.resume",
