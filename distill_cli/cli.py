@@ -5,56 +5,120 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
 
-from distill_cli.config.paths import CONF_DIR, CONF_PACKAGE
+def _quit_on_interrupt(signum, frame) -> None:
+    """SIGINT outside training's own handler (start-up, composition, data loading): one line,
+    exit 130, a run dir holding only Hydra's files removed. It exits with `os._exit` rather than
+    raising KeyboardInterrupt, which inside torch's C++ import code aborts the process (SIGABRT,
+    measured)."""
+    removed = False
+    guard = sys.modules.get("distill_cli.config.hydra_callbacks")   # no run dir before it
+    if guard is not None and hasattr(guard, "discard_refused_run_dir"):
+        removed = guard.discard_refused_run_dir()
+    print("interrupted (Ctrl-C)" + ("; its run dir was removed" if removed else ""),
+          file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+# Installed before anything heavy is imported (Hydra, and through the task torch, are imported
+# inside the entry points), so that a Ctrl-C during start-up ends quietly instead of in a
+# traceback; only when a console script or `python -m distill_cli` runs, never on a plain import.
+# The training loop installs its own handler (a graceful stop with a resumable checkpoint).
+ENTRY_SCRIPTS = ("distill", "distill-search", "distill-report", "distill-teachers",
+                 "distill-export")
+if Path(sys.argv[0]).name in ENTRY_SCRIPTS or sys.argv[0].endswith("distill_cli/__main__.py"):
+    signal.signal(signal.SIGINT, _quit_on_interrupt)
+
+from distill_cli.config.paths import CONF_DIR, CONF_PACKAGE  # noqa: E402
 
 _task_started = False
 
 
-def _run_task(task, cfg: DictConfig):
+def _run_task(task, cfg):
     """Run a Hydra task and return its result; user errors exit 2 with one paragraph,
     interruptions with their code."""
     global _task_started
     _task_started = True
+    from distill_cli.config.targets import check_config
     from distill_cli.errors import UserError, exit_with
     from distill_cli.training.run import RunInterrupted
 
     try:
+        check_config(cfg)   # a sweep job's config is composed by its launcher, not by Hydra.run
         return task(cfg)
     except UserError as err:
+        from distill_cli.config.hydra_callbacks import discard_refused_run_dir
+        discard_refused_run_dir()
         exit_with(err)
     except RunInterrupted as stop:
         sys.exit(stop.exit_code)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="config")
-def _distill(cfg: DictConfig) -> float | None:
-    """One job. Returns the run's objective for a Hydra sweeper (Optuna reads it): the task's
-    selection metric on VALIDATION, `best/val/<Task.selection_metric>` (val acc1 for
-    classification; higher is better) — never a test metric (the honest protocol). A
-    self-distillation run returns its final generation's. None when the run has no summary."""
-    from distill_cli import keys
-    from distill_cli.config.build import build_task
-    from distill_cli.training.launch import launch
+def _distill_app():
+    import hydra
 
-    summary = _run_task(launch, cfg)
-    metric = keys.join(keys.BEST_VAL, build_task(cfg.task).selection_metric)
-    value = summary.get(metric) if isinstance(summary, dict) else None
-    return None if value is None else float(value)
+    @hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="config")
+    def _distill(cfg) -> float | None:
+        """One job. Returns the run's objective for a Hydra sweeper (Optuna reads it): the
+        task's selection metric on VALIDATION, `best/val/<Task.selection_metric>` (val acc1
+        for classification; higher is better) — never a test metric (the honest protocol). A
+        self-distillation run returns its final generation's. None when the run has no
+        summary."""
+        from distill_cli import keys
+        from distill_cli.config.build import build_task
+        from distill_cli.training.launch import launch
+
+        summary = _run_task(launch, cfg)
+        metric = keys.join(keys.BEST_VAL, build_task(cfg.task).selection_metric)
+        value = summary.get(metric) if isinstance(summary, dict) else None
+        return None if value is None else float(value)
+
+    return _distill
 
 
-@hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="search")
-def _search(cfg: DictConfig) -> None:
-    from distill_cli.search.student_search import search
-    _run_task(search, cfg)
+def _search_app():
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="search")
+    def _search(cfg) -> None:
+        from distill_cli.search.student_search import search
+        _run_task(search, cfg)
+
+    return _search
+
+
+def _check_targets_on_composition() -> None:
+    """Hydra builds the `hydra.callbacks`, the launcher, the sweeper and the logging handlers of
+    a composed config itself, before any task code runs: check every composed config against
+    the allow-list (config/targets.py) the moment Hydra composes it. `Hydra.compose_config` is
+    the one method every mode (run, -m, --cfg, --info) composes through (hydra-core 1.3.8)."""
+    from hydra._internal.hydra import Hydra
+
+    from distill_cli.config.targets import check_config
+    from distill_cli.errors import UserError, exit_with
+
+    compose = Hydra.compose_config
+    if getattr(compose, "checks_targets", False):
+        return
+
+    def compose_and_check(self, *args, **kwargs):
+        cfg = compose(self, *args, **kwargs)
+        try:
+            check_config(cfg)
+        except UserError as err:
+            exit_with(err)
+        return cfg
+
+    compose_and_check.checks_targets = True
+    Hydra.compose_config = compose_and_check
 
 
 def _composition_errors_exit_2(main) -> None:
+    _check_targets_on_composition()
     try:
         main()
     except SystemExit as exc:
@@ -173,12 +237,12 @@ def distill_main() -> None:
     _refuse_null_groups(sys.argv[1:])
     _check_sweeper(sys.argv[1:])
     _continue_requeued_jobs(sys.argv[1:])
-    _composition_errors_exit_2(_distill)
+    _composition_errors_exit_2(_distill_app())
 
 
 def search_main() -> None:
     """`distill-search`: DisWOT training-free student search (distill_cli/search.py)."""
-    _composition_errors_exit_2(_search)
+    _composition_errors_exit_2(_search_app())
 
 
 def report_main(argv: list[str] | None = None) -> None:
@@ -187,6 +251,7 @@ def report_main(argv: list[str] | None = None) -> None:
     import argparse
 
     from distill_cli.errors import UserError
+    from distill_cli.io import blocking_file
     from distill_cli.reporting.report import FORMATS, MAIN_METRIC, report
 
     parser = argparse.ArgumentParser(
@@ -202,6 +267,9 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", metavar="OUT.png", help="also write a bar chart")
     args = parser.parse_args(argv)
     try:
+        if args.plot and (blocker := blocking_file(args.plot)) is not None:
+            raise UserError(f"Cannot write the plot {args.plot}: {blocker} is a file", "--plot",
+                            "Pass a path in a directory")
         report(args.paths, args.metric, args.sort, args.reverse, args.format, args.plot)
     except UserError as err:
         print("error: " + " ".join(err.paragraph().split()), file=sys.stderr, flush=True)

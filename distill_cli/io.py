@@ -43,3 +43,12 @@ def read_json(path: Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def blocking_file(path: str | Path) -> Path | None:
+    """The existing non-directory on the way to `path` (which therefore cannot be created
+    as a directory or written into), or None when the path is creatable."""
+    for parent in reversed(Path(path).absolute().parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None

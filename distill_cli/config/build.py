@@ -1,19 +1,19 @@
 """The single call site of `hydra.utils.instantiate`.
 
-Every `_target_` in a config is checked against an allow-list first, so a config file can
-only construct this package's components and torch optimizers — never arbitrary callables.
+Every `_target_` in a node is checked against the allow-list (config/targets.py) first, so a
+config file can only construct the components allowed at that key — never arbitrary callables.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import hydra.utils
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from distill_cli.data.unlabeled import RUN_KEYS as DATA_RUN_KEYS  # read by the runner
+from distill_cli.config.targets import check_targets, opted_in
 from distill_cli.errors import UserError
 
-ALLOWED_PREFIXES = ("distill_cli.", "torch.optim.")
 # Keys of the teacher node that describe where its weights come from, not the architecture.
 TEACHER_SOURCE_KEYS = ("checkpoint", "seed", "train", "outputs", "outputs_dtype")
 # Keys of a loss node that the launcher reads, not the objective's constructor (BD-KD's online
@@ -21,23 +21,9 @@ TEACHER_SOURCE_KEYS = ("checkpoint", "seed", "train", "outputs", "outputs_dtype"
 LOSS_RUN_KEYS = ("teacher_optimizer", "teacher_scheduler")
 
 
-def _check_targets(node: Any, key: str) -> None:
-    if isinstance(node, DictConfig):
-        target = node.get("_target_")
-        if target is not None and not str(target).startswith(ALLOWED_PREFIXES):
-            raise UserError(f"`_target_: {target}` is not allowed", f"{key}._target_",
-                            "Configs may only build distill_cli components and torch.optim "
-                            f"optimizers (prefixes {', '.join(ALLOWED_PREFIXES)})")
-        for k, v in node.items():
-            _check_targets(v, f"{key}.{k}")
-    elif isinstance(node, ListConfig):
-        for i, v in enumerate(node):
-            _check_targets(v, f"{key}[{i}]")
-
-
 def instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
     """Instantiate `node` (the config at `key`) after the allow-list check."""
-    _check_targets(node, key)
+    check_targets(node, key, opted_in())
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except UserError:
