@@ -45,9 +45,11 @@ def _run_task(task, cfg):
     _task_started = True
     from distill_cli.config.targets import check_config
     from distill_cli.errors import UserError, exit_with
+    from distill_cli.training.distributed import join_submitit_tasks
     from distill_cli.training.run import RunInterrupted
 
     try:
+        join_submitit_tasks()   # a SLURM / local-array job of N tasks: N DDP ranks
         check_config(cfg)   # a sweep job's config is composed by its launcher, not by Hydra.run
         return task(cfg)
     except UserError as err:

@@ -302,3 +302,22 @@ def test_a_requeued_local_job_continues_its_run_bit_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert metrics(full) == metrics(sweep / "0")
     assert json.loads((sweep / "0" / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.serial
+def test_a_job_of_two_tasks_trains_as_two_ranks(tmp_path):
+    """`hydra.launcher.tasks_per_node=2` (what the slurm preset does for DDP, here with the
+    local executor): the job's 2 tasks are 2 DDP ranks (submitit's exported torchrun variables)
+    and end where one process ends, within 1e-5 relative; one run dir, one summary."""
+    sweep = tmp_path / "sweep"
+    args = [*TINY, "trainer.epochs=2", "loss=ce", "trainer.channels_last=false"]
+    distill("-m", "hydra/launcher=local_array", "hydra.launcher.tasks_per_node=2",
+            f"hydra.sweep.dir={sweep}", *args, "seed=0", tmp_path=tmp_path, check_rc=0)
+    distill(*args, "seed=0", f"hydra.run.dir={tmp_path / 'one'}", tmp_path=tmp_path,
+            check_rc=0)
+    a, b = weights(tmp_path / "one"), weights(sweep / "0")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-5 * float(a[k].abs().max())), k
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["world_size"] == 2
+    assert len((sweep / "0" / "metrics.jsonl").read_text().splitlines()) == 2

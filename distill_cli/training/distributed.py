@@ -91,6 +91,21 @@ class World:
 SINGLE = World()
 
 
+def join_submitit_tasks() -> None:
+    """A submitit job (hydra/launcher=slurm or local_array) with several tasks: each task is
+    one data-parallel rank. submitit's own helper exports torchrun's variables (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from the job's nodes and id), so the rest of the
+    runner sees exactly what torchrun would give it. Every task keeps all of the job's GPUs
+    visible: `init_world` picks its own by LOCAL_RANK. A no-op outside submitit or with 1 task."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
