@@ -148,6 +148,9 @@ class NullLogger:
     def summary(self, values: dict) -> None:
         pass
 
+    def log_model(self, checkpoints: dict, summary: dict | None = None) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -188,6 +191,20 @@ class WandbLogger:
     def summary(self, values: dict) -> None:
         for k, v in values.items():
             self.run.summary[k] = v
+
+    def log_model(self, checkpoints: dict, summary: dict | None = None) -> None:
+        """The student as a W&B `model` artifact `student-<run id>`: one version per
+        `{alias: checkpoint path}` (e.g. `best` → best.pt, `latest` → last.pt), each the run's
+        checkpoint file as `checkpoint.pt` (what `teacher.checkpoint=` and `distill-export`'s
+        run dirs read). Identical files (best = last) share one version and its aliases on the
+        server. Metadata: the alias and the summary's scalar values (test acc1 etc.)."""
+        meta = {k: v for k, v in (summary or {}).items()
+                if isinstance(v, (int, float, str, bool)) or v is None}
+        for alias, path in checkpoints.items():
+            art = self._wandb.Artifact(f"student-{self.run.id}", type="model",
+                                       metadata={**meta, "weights": alias})
+            art.add_file(str(path), name="checkpoint.pt")
+            self.run.log_artifact(art, aliases=[alias])
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
