@@ -41,7 +41,10 @@ test-slow: install data  ## also the slow, longer real-data tests
 bench: install data  ## speed benchmark (ratios side by side) -> benchmarks/results/speed.md
 	$(PY) benchmarks/bench_speed.py --out benchmarks/results/speed.md
 
+bench-torchdistill: install data  ## KD speed vs torchdistill, same job (own venv, ~20 min) -> benchmarks/results/torchdistill.md
+	$(PY) benchmarks/bench_torchdistill.py --out benchmarks/results/torchdistill.md
+
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install data run test test-slow bench clean
+.PHONY: help install data run test test-slow bench bench-torchdistill clean

@@ -33,7 +33,8 @@ from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from distill_cli import build, checkpoint  # noqa: E402
+from distill_cli.config import build  # noqa: E402
+from distill_cli.runs import checkpoint  # noqa: E402
 from distill_cli.config.paths import CONF_DIR  # noqa: E402
 from distill_cli.data.bundle import epoch_order  # noqa: E402
 from distill_cli.training.run import run  # noqa: E402

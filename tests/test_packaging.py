@@ -121,3 +121,12 @@ def test_installed_wheel_runs_from_anywhere_on_its_own_configs(installed):
             == OmegaConf.to_container(printed))
     assert printed.dataset.limit_train == 6000 and printed.teacher.arch == "cnn"
     assert sorted(p.name for p in cwd.iterdir()) == []  # --cfg job writes no run dir
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py")))
+def test_benchmark_scripts_import_and_parse_their_arguments(script):
+    """`make bench` must not break silently when the package's modules move (a moved module
+    once left bench_speed.py failing at import)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
