@@ -232,9 +232,22 @@ def test_adv_ce_config_and_errors():
         assert err.value.key == key
 
 
-def test_adv_ce_step_trains_on_the_attack_of_the_model(trained):
+def train_mode_pgd(w, x01, y, steps):
+    """An independent PGD (uniform start from the global RNG, as `pgd` draws it) on the model's
+    TRAINING-mode graph: Madry's attack, BatchNorm on batch statistics."""
+    lo, hi = (x01 - EPS).clamp(0, 1), (x01 + EPS).clamp(0, 1)
+    x = torch.max(torch.min(x01 + (2 * torch.rand(x01.shape) - 1) * EPS, hi), lo)
+    for _ in range(steps):
+        x.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(w(x).float(), y), [x])
+        x = torch.max(torch.min(x.detach() + STEP * grad.sign(), hi), lo)
+    return x.detach()
+
+
+@pytest.mark.parametrize("attack_bn", ["train", "eval"])
+def test_adv_ce_step_trains_on_the_attack_of_the_model(trained, attack_bn):
     model, data, batch = trained
-    obj = AdversarialCE(steps=3)
+    obj = AdversarialCE(steps=3, attack_bn=attack_bn)
     obj.bind(model, None, data)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -249,7 +262,10 @@ def test_adv_ce_step_trains_on_the_attack_of_the_model(trained):
     model.load_state_dict(before)
     torch.manual_seed(9)
     w = wrap(model, data)
-    x = pgd(w, w.pixels(batch.x), batch.y, EPS, STEP, 3, "uniform")
+    if attack_bn == "eval":   # ours: BatchNorm's running statistics while attacking
+        x = pgd(w, w.pixels(batch.x), batch.y, EPS, STEP, 3, "uniform")
+    else:                     # Madry: the training-mode graph
+        x = train_mode_pgd(w, w.pixels(batch.x), batch.y, 3)
     with torch.no_grad():
         want = F.cross_entropy(w(x), batch.y)
     assert float(terms["loss"].detach()) == pytest.approx(float(want), rel=1e-5)

@@ -156,11 +156,11 @@ def np_normalize(v):
 
 
 # ---------------------------------------------------------------- helpers
-def fitnet_for(s_shape, t_shape, relu=True, seed=0):
+def fitnet_for(s_shape, t_shape, relu=True, seed=0, regressor="repdistiller"):
     """A float64 FitNet with one regressor for per-sample shapes (as bind would build it) and
     non-trivial BN affine parameters."""
     torch.manual_seed(seed)
-    obj = FitNet(stages=[0], relu=relu)
+    obj = FitNet(stages=[0], relu=relu, regressor=regressor)
     obj.build_heads([torch.Size(s_shape)], [torch.Size(t_shape)], NC)
     with torch.no_grad():
         obj.regressors[0].bn.weight.uniform_(0.5, 1.5)
@@ -176,29 +176,53 @@ def run_fitnet(obj, f_s, f_t, seed=0):
 
 
 # ---------------------------------------------------------------- FitNet
-SHAPES = {  # (student per-sample shape, teacher per-sample shape, regressor layer)
-    "equal size, different channels": ((3, 4, 4), (5, 4, 4), nn.Conv2d),
-    "student 2x larger": ((3, 8, 8), (5, 4, 4), nn.Conv2d),
-    "student 2x smaller": ((3, 2, 2), (4, 4, 4), nn.ConvTranspose2d),
-    "non-integer ratio": ((3, 6, 6), (4, 4, 4), nn.Sequential),
-    "student tokens vs teacher map": ((16, 6), (4, 4, 4), nn.Conv2d),
-    "student map vs teacher tokens": ((3, 8, 8), (16, 5), nn.Conv2d),
-    "student vector vs teacher map": ((7,), (4, 2, 2), nn.Linear),
-    "both vectors": ((7,), (9,), nn.Linear),
+SHAPES = {  # (student per-sample shape, teacher per-sample shape)
+    "equal size, different channels": ((3, 4, 4), (5, 4, 4)),
+    "student 2x larger": ((3, 8, 8), (5, 4, 4)),
+    "student 2x smaller": ((3, 2, 2), (4, 4, 4)),
+    "non-integer ratio": ((3, 6, 6), (4, 4, 4)),
+    "student tokens vs teacher map": ((16, 6), (4, 4, 4)),
+    "student map vs teacher tokens": ((3, 8, 8), (16, 5)),
+    "student vector vs teacher map": ((7,), (4, 2, 2)),
+    "both vectors": ((7,), (9,)),
+}
+# the regressor's layer, kernel and stride per rule; RepDistiller ConvReg (models/util.py) for
+# "repdistiller": a 1x1 conv for equal sizes, kernel (1 + Hs - Ht, 1 + Ws - Wt) when larger
+LAYERS = {
+    "repdistiller": {
+        "equal size, different channels": (nn.Conv2d, (1, 1), (1, 1)),
+        "student 2x larger": (nn.Conv2d, (3, 3), (2, 2)),
+        "student 2x smaller": (nn.ConvTranspose2d, (4, 4), (2, 2)),
+        "non-integer ratio": (nn.Conv2d, (3, 3), (1, 1)),
+        "student tokens vs teacher map": (nn.Conv2d, (1, 1), (1, 1)),
+        "student map vs teacher tokens": (nn.Conv2d, (3, 3), (2, 2)),
+        "student vector vs teacher map": (nn.Linear, None, None),
+        "both vectors": (nn.Linear, None, None),
+    },
+    "ours": {
+        "equal size, different channels": (nn.Conv2d, (3, 3), (1, 1)),
+        "student 2x larger": (nn.Conv2d, (3, 3), (2, 2)),
+        "student 2x smaller": (nn.ConvTranspose2d, (4, 4), (2, 2)),
+        "non-integer ratio": (nn.Sequential, (3, 3), (1, 1)),
+        "student tokens vs teacher map": (nn.Conv2d, (3, 3), (1, 1)),
+        "student map vs teacher tokens": (nn.Conv2d, (3, 3), (2, 2)),
+        "student vector vs teacher map": (nn.Linear, None, None),
+        "both vectors": (nn.Linear, None, None),
+    },
 }
 
 
+@pytest.mark.parametrize("rule", list(LAYERS))
 @pytest.mark.parametrize("case", list(SHAPES))
-def test_fitnet_matches_numpy_for_every_shape_adaptation(case):
-    s_shape, t_shape, layer = SHAPES[case]
-    obj = fitnet_for(s_shape, t_shape)
+def test_fitnet_matches_numpy_for_every_shape_adaptation(case, rule):
+    s_shape, t_shape = SHAPES[case]
+    layer, kernel, stride = LAYERS[rule][case]
+    obj = fitnet_for(s_shape, t_shape, regressor=rule)
     reg = obj.regressors[0]
     conv = reg.conv[1] if isinstance(reg.conv, nn.Sequential) else reg.conv
     assert isinstance(reg.conv, layer)
-    if case == "equal size, different channels":
-        assert conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-    if case == "student 2x larger":
-        assert conv.kernel_size == (3, 3) and conv.stride == (2, 2)
+    if kernel is not None:
+        assert (conv.kernel_size, conv.stride) == (kernel, stride)
     f_s, f_t = rand(B, *s_shape, seed=1), rand(B, *t_shape, seed=2, positive=True)
     terms, s_logits, y = run_fitnet(obj, f_s, f_t)
 
@@ -552,8 +576,8 @@ def test_fitnet_on_resnet_pairs_middle_stages(tmp_path, digits_teacher):
                            "student=resnet8", "loss=fitnet", "trainer.epochs=1"]), run_dir,
         tty=False)
     obj = _ckpt(run_dir, "last.pt")["objective"]
-    # layer2 of resnet8 on 8x8 digits: [32, 4, 4] -> a 3x3 stride-1 conv 32 -> 32
-    assert obj["regressors.0.conv.weight"].shape == (32, 32, 3, 3)
+    # layer2 of resnet8 on 8x8 digits: [32, 4, 4] -> RepDistiller's 1x1 conv 32 -> 32
+    assert obj["regressors.0.conv.weight"].shape == (32, 32, 1, 1)
     assert 0 < read_metrics(run_dir)[0]["train/hint"] < 10
 
 

@@ -99,7 +99,7 @@ def test_switch_prob_selects_between_modes():
 
 
 @pytest.mark.parametrize("spec", [MixSpec(mixup_alpha=0.3), MixSpec(cutmix_alpha=1.0),
-                                  MixSpec(partial=PartialSpec()),
+                                  MixSpec(partial=PartialSpec(with_replacement=False)),
                                   MixSpec(partial=PartialSpec(with_replacement=True))])
 def test_same_seed_same_output_different_seed_different(spec):
     x, y = batch()
@@ -149,7 +149,7 @@ def _check_partial_rows(x, y, xm, ym, info):
 @pytest.mark.parametrize("b,frac", [(16, 0.9), (100, 0.9), (10, 0.5), (100, 0.29), (7, 0.0)])
 def test_partial_without_replacement_keeps_exactly_the_fraction(b, frac):
     x, y = batch(b)
-    spec = MixSpec(partial=PartialSpec(keep_fraction=frac))
+    spec = MixSpec(partial=PartialSpec(keep_fraction=frac, with_replacement=False))
     for seed in range(3):
         xm, ym, info = mix_batch(x, y, C, spec, gen(seed))
         assert info["mode"] == "partial"

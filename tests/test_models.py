@@ -10,7 +10,7 @@ from torch import nn
 
 from distill_cli.config.paths import CONF_DIR
 from distill_cli.errors import UserError
-from distill_cli.models import ARCHS, FeatureTaps, create
+from distill_cli.models import ARCHS, ClassifierInput, FeatureTaps, create, prepool_path
 from distill_cli.models.cost import count_params as n_params
 
 CONF = Path(CONF_DIR) / "student"
@@ -60,10 +60,18 @@ def test_registry_has_the_zoo():
 def test_image_models_contract(arch, in_channels, size, num_classes):
     torch.manual_seed(0)
     model = create(arch, num_classes, in_channels, (size, size)).train()
-    taps = check_contract(model, torch.randn(2, in_channels, size, size), num_classes,
-                          stage_ndim=4)
-    # the last stage is the map that gets pooled into the classifier's input
-    assert taps.outputs[model.stages[-1]].shape[1] == model.feature_dim
+    x = torch.randn(2, in_channels, size, size)
+    taps = check_contract(model, x, num_classes, stage_ndim=4)
+    # the classifier's input is the pooled penultimate feature (RepDistiller's feat[-1])
+    with ClassifierInput(model) as pen:
+        model(x)
+    assert pen.value.shape == (2, model.feature_dim)
+    # the map that gets pooled: the last stage, or the one a model names where RepDistiller's
+    # feature points stop earlier (tests/test_fidelity.py pins every RepDistiller tap)
+    with FeatureTaps(model, [prepool_path(model)]) as pool_in:
+        model(x)
+    assert pool_in[prepool_path(model)].mean(dim=(2, 3)).shape == pen.value.shape
+    torch.testing.assert_close(pool_in[prepool_path(model)].mean(dim=(2, 3)), pen.value)
 
 
 @pytest.mark.parametrize("arch,stage_ndim", [("cnn1d", 3), ("mlp", 2)])

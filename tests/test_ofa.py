@@ -224,7 +224,10 @@ def test_cnn_student_heads_downsample_to_the_last_stage_with_max_width():
 def test_token_student_heads_merge_to_the_last_grid_cnn_teacher():
     # CNN -> ViT: tokens [16 tokens, 16] then [4, 24]; teacher resnet8 (d_t = 64 > d_s = 24)
     student = model("tokens")
+    # the official rule merges towards 7x7: a 4x4 grid is never merged
     obj = bound(student, model("resnet8"))
+    assert not any(isinstance(m, PatchMerging) for h in obj.heads for m in h)
+    obj = bound(student, model("resnet8"), final_grid="last")   # ours: down to the last grid
     merges = [[m for m in h if isinstance(m, PatchMerging)] for h in obj.heads]
     assert [len(m) for m in merges] == [1, 0]
     reduction = merges[0][0].reduction
@@ -233,14 +236,18 @@ def test_token_student_heads_merge_to_the_last_grid_cnn_teacher():
     assert blocks == [1, 1]   # auto: max(stages after this one, 1) with 2 stages
     assert all(h[-1].in_features == 24 for h in obj.heads)   # the token branch is d_s wide
     assert all(o.shape == (3, NC) for o in head_outputs(obj, student))
-    obj = bound(student, model("resnet8"), head_blocks=3)
+    obj = bound(student, model("resnet8"), head_blocks=3, final_grid="last")
     assert [sum(type(m).__name__ == "Block" for m in h) for h in obj.heads] == [3, 3]
 
 
 def test_token_heads_on_odd_grids_and_without_merges():
-    # 28x28 with 4x4 patches: a 7x7 grid (odd, zero-padded when merged) -> 4x4 after merging
+    # 28x28 with 4x4 patches: a 7x7 grid, already OFA's final grid: no merge (official)
     student = model("tokens", (1, 28, 28), patch=4)
     obj = bound(student, model("cnn", (1, 28, 28)), (1, 28, 28), stages=[0])
+    assert sum(isinstance(m, PatchMerging) for m in obj.heads[0]) == 0
+    assert head_outputs(obj, student, (1, 28, 28))[0].shape == (3, NC)
+    # ours (final_grid=last): odd 7x7, zero-padded when merged -> 4x4 (the last stage's grid)
+    obj = bound(student, model("cnn", (1, 28, 28)), (1, 28, 28), stages=[0], final_grid="last")
     assert sum(isinstance(m, PatchMerging) for m in obj.heads[0]) == 1
     assert head_outputs(obj, student, (1, 28, 28))[0].shape == (3, NC)
     # an isotropic ViT (one grid): no merging; width 16 -> d_s = 24 through a Linear
@@ -254,7 +261,7 @@ def test_token_heads_on_odd_grids_and_without_merges():
 def test_token_heads_on_non_square_grids_follow_the_models_grid_size():
     # 8x16 inputs, 2x2 patches: a 4x8 grid (32 tokens, not a square) merged to 2x4 (8 tokens)
     student = model("tokens", (1, 8, 16))
-    obj = bound(student, model("resnet8", (1, 8, 16)), (1, 8, 16))
+    obj = bound(student, model("resnet8", (1, 8, 16)), (1, 8, 16), final_grid="last")
     merges = [m for m in obj.heads[0] if isinstance(m, PatchMerging)]
     assert [m.grid for m in merges] == [(4, 8)]
     assert all(o.shape == (3, NC) for o in head_outputs(obj, student, (1, 8, 16)))

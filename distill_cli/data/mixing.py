@@ -23,11 +23,16 @@ Modes (one per batch; rows keep their order, row `i` is always based on sample `
   row gets its own `a_i ~ Beta(α, α)` (α = `partial.alpha`, default 1 = uniform), then a set of
   rows is forced to `a = 1` (kept unmixed): `x'_i = a_i·x_i + (1−a_i)·x[perm]_i`, same for the
   one-hots.
-    - `with_replacement: false` (default, what METHODS.md's "~90% of samples keep a=1" says):
-      exactly `n_keep = floor(B·keep_fraction)` distinct rows are kept.
-    - `with_replacement: true` (the authors' code exactly): `n_keep` row indices are drawn WITH
-      replacement (`torch.randint(0, B, (int(B·percent),))`), so only `1 − (1 − 1/B)^n_keep`
-      ≈ `1 − e^(−0.9)` ≈ 59% of the rows are kept on average, ~41% are mixed. The authors also
+    - `with_replacement: true` (default; the authors' code exactly, as they ran it): `n_keep =
+      floor(B·keep_fraction)` row indices are drawn WITH replacement
+      (`torch.randint(0, B, (int(B·percent),))`), so only `1 − (1 − 1/B)^n_keep`
+      ≈ `1 − e^(−0.9)` ≈ 59% of the rows are kept on average, ~41% are mixed.
+    - `with_replacement: false` (the option; what METHODS.md's "~90% of samples keep a=1"
+      says): exactly `n_keep` distinct rows are kept.
+    `keep_fraction: 0` mixes every row: the authors' full mixup `FMU` (`--pmixup False`), a
+    per-row `a`, unlike `mixup_alpha`'s one λ per batch. `loss=mixkd` brings
+    conf/augment/mixkd.yaml (keep 0.9 with replacement, α 1) and refuses a run without it
+    (losses/mixkd.py `check_partial_mixup`). The authors also
       shuffle the base batch (`inputs[rp1]`) before mixing with `inputs[rp2]`; we keep the base in
       batch order and pair with `perm` — the same joint distribution of (sample, partner, a), up
       to the (loss-irrelevant) order of the rows.
@@ -67,7 +72,8 @@ class PartialSpec:
     `a ~ Beta(alpha, alpha)` each (see the module docstring for `with_replacement`)."""
 
     keep_fraction: float = 0.9   # authors' `percent`
-    with_replacement: bool = False  # true = the authors' `torch.randint` (≈59% kept at 0.9)
+    with_replacement: bool = True   # the authors' `torch.randint` (≈59% kept at 0.9); false:
+                                    # exactly keep_fraction of the rows
     alpha: float = 1.0           # authors' `beta_a`: Beta(1, 1) = uniform
 
     def n_keep(self, batch_size: int) -> int:
@@ -78,8 +84,9 @@ class PartialSpec:
 @dataclass(frozen=True)
 class MixSpec:
     """Config `augment.mix`: `{mixup_alpha: 0.0, cutmix_alpha: 0.0, prob: 1.0, switch_prob: 0.5,
-    partial: null}`; `partial: {keep_fraction: 0.9, with_replacement: false, alpha: 1.0}` (or
-    `true` for those defaults) selects MIX-KD's partial mixup, which excludes the two alphas."""
+    partial: null}`; `partial: {keep_fraction: 0.9, with_replacement: true, alpha: 1.0}` (or
+    `true` for those defaults: the authors' PMU) selects MIX-KD's partial mixup, which excludes
+    the two alphas."""
 
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
@@ -148,7 +155,7 @@ def _number(value, key: str, lo: float, hi: float) -> float:
 def _partial(cfg, key: str) -> PartialSpec:
     if cfg is True:
         return PartialSpec()
-    cfg = _mapping(cfg, key, "{keep_fraction: 0.9, with_replacement: false}")
+    cfg = _mapping(cfg, key, "{keep_fraction: 0.9, with_replacement: true}")
     _reject_unknown(cfg, _PARTIAL_KEYS, key, "partial-mixup")
     values = {}
     if cfg.get("keep_fraction") is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from distill_cli.evaluation.adversarial import NormalizedModel, check_attack, pgd, pixel_stats
 from distill_cli.errors import UserError
@@ -12,15 +13,42 @@ from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.losses.ce import _as_float
 
 
+ATTACK_BN = ("train", "eval")
+
+
+class KeepMode(nn.Module):
+    """`model` as it is, whatever `.train()` / `.eval()` its holder calls: `pgd` puts the model it
+    attacks in eval mode (evaluation/adversarial.py `eval_mode`), and Madry's attack needs the
+    student's training-mode graph. The wrapped modules' own flags are untouched (`pgd` restores
+    every module's flag after the attack, and they never changed)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def train(self, mode: bool = True) -> "KeepMode":
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
 class AdversarialCE(StepObjective):
     """`adv_weight·CE(f(x_adv), y) + clean_weight·CE(f(x), y)`, batch means, no teacher.
 
     `x_adv` = PGD L∞ (distill_cli/adversarial.py) against the model being trained, on the same
     batch, in [0, 1] pixel space: `steps` sign-gradient steps of `step_size` on CE, ε-ball ∩ [0, 1]
-    projection after each, `random_start` uniform in the ε-ball; the model is in eval mode while
-    it is attacked (BatchNorm statistics come only from the training forwards) and back in train
-    mode for the loss. Madry's objective is the adversarial term alone (`clean_weight: 0`, the
-    default — then the clean forward is skipped); `clean_weight > 0` mixes in clean CE
+    projection after each, `random_start` uniform in the ε-ball. `attack_bn` is the mode of the
+    model WHILE it is attacked:
+      "train" (default, Madry et al.): the attack runs on the training-mode graph, as Madry's
+          cifar10_challenge (`Model(mode='train')` is the graph `LinfPGDAttack` differentiates;
+          its BatchNorm has `is_training=True, updates_collections=None`): BatchNorm normalises
+          with each attack batch's own statistics and its running averages move on every attack
+          forward, as theirs do;
+      "eval" (ours, before): BatchNorm uses its running statistics and nothing is updated
+          during the attack (MTARD's choice for its student, see losses/mtard.py).
+    The loss forward is in train mode either way. Madry's objective is the adversarial term
+    alone (`clean_weight: 0`, the default — then the clean forward is skipped); `clean_weight > 0` mixes in clean CE
     (Goodfellow et al. 2015's 50/50 mix is `adv_weight: 0.5, clean_weight: 0.5`), never TRADES' KL.
     `label_smoothing` (torch's ε) applies to both CE terms; 0 = plain CE. It exists so that a
     teacher-store loss written over the CE default (`teacher.train.loss`) merges cleanly.
@@ -36,8 +64,13 @@ class AdversarialCE(StepObjective):
 
     def __init__(self, eps=8 / 255, step_size=2 / 255, steps: int = 10,
                  random_start: str | None = "uniform", adv_weight: float = 1.0,
-                 clean_weight: float = 0.0, label_smoothing: float = 0.0):
+                 clean_weight: float = 0.0, label_smoothing: float = 0.0,
+                 attack_bn: str = "train"):
         super().__init__()
+        if attack_bn not in ATTACK_BN:
+            raise UserError(f"adv_ce attack_bn={attack_bn!r} is not an option", "loss.attack_bn",
+                            "Use train (Madry: the training-mode graph) or eval")
+        self.attack_bn = attack_bn
         self.eps, self.step_size, self.steps = check_attack(eps, step_size, steps, random_start,
                                                             "loss")
         self.random_start = random_start
@@ -75,7 +108,9 @@ class AdversarialCE(StepObjective):
             raise RuntimeError("AdversarialCE.bind(student, teacher, data) was not called")
         model = NormalizedModel(student, *self._pixels, batch.x.device)
         x01 = model.pixels(batch.x)
-        x_adv01 = pgd(model, x01, batch.y, self.eps, self.step_size, self.steps,
+        attacked = model if self.attack_bn == "eval" else NormalizedModel(
+            KeepMode(student), *self._pixels, batch.x.device)
+        x_adv01 = pgd(attacked, x01, batch.y, self.eps, self.step_size, self.steps,
                       self.random_start)
         adv_logits = model(x_adv01).float()   # train mode (pgd restored it)
         clean_logits = student(batch.x).float() if self.clean_weight > 0 else None
@@ -84,4 +119,5 @@ class AdversarialCE(StepObjective):
     def extra_repr(self) -> str:
         return (f"eps={self.eps:.5f}, step_size={self.step_size:.5f}, steps={self.steps}, "
                 f"random_start={self.random_start}, adv_weight={self.adv_weight}, "
-                f"clean_weight={self.clean_weight}, label_smoothing={self.label_smoothing}")
+                f"clean_weight={self.clean_weight}, label_smoothing={self.label_smoothing}, "
+                f"attack_bn={self.attack_bn}")

@@ -39,8 +39,11 @@ class DIST(Objective):
     0 when s = t (up to that eps). CE is the plain hard-label CE.
 
     Options: `temperature` (τ, the official `tau`), `beta` (inter weight), `gamma` (intra
-    weight), `ce_weight`. Defaults (CIFAR-100, METHODS.md / the DIST_KD CIFAR setting):
-    temperature = 4, beta = gamma = 2, ce_weight = 1. ImageNet: temperature = 1, beta = gamma = 1.
+    weight), `ce_weight`. Defaults (CIFAR-100, the DIST_KD CIFAR setting): temperature = 4,
+    beta = gamma = 2, ce_weight = 1. ImageNet: temperature = 1, beta = gamma = 2. The official
+    code's `DIST(beta=1, gamma=1, tau)` is scaled by `kd_loss_weight: 2` in both its CIFAR
+    (`dist_cifar.yaml`) and ImageNet (`resnet_dist.yaml`) configs, so the effective weights are 2
+    in both (METHODS.md's "ImageNet β=γ=1" is the loss module's own value, before that factor).
 
     Needs B > 1: with one sample the intra-class correlation is undefined (a UserError naming
     `trainer.batch_size`).

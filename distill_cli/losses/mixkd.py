@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from distill_cli.data.mixing import MixSpec
 from distill_cli.errors import UserError
 from distill_cli.losses.base import Objective, StepContext
 from distill_cli.losses.functional import as_float, check_pair, soft_cross_entropy
@@ -46,11 +47,21 @@ class MixKD(Objective):
     Targets: hard int64 labels `[B]` (→ one-hot) OR float label distributions `[B, C]` — the
     mixed one-hots of mixup. The two give the same loss for one-hot targets.
 
-    Partial mixup (the "MIX" of MIX-KD) is a BATCH augmentation, not part of this objective: a
-    fraction of the batch is mixed with `a ~ Beta(1, 1)` between two shuffled copies of the
-    batch, the rest keeps a = 1 (unmixed); the teacher sees the same mixed images, and the
-    targets become `a·onehot(y1) + (1 − a)·onehot(y2)`. The engine provides it (and passes the
-    mixed targets here); without it this is the std-normalised KD on the plain batch.
+    Partial mixup (the "MIX" of MIX-KD) is a BATCH augmentation (data/mixing.py), not part of
+    this objective: a fraction of the batch is mixed with `a ~ Beta(1, 1)` between two shuffled
+    copies of the batch, the rest keeps a = 1 (unmixed); the teacher sees the same mixed
+    images, and the targets become `a·onehot(y1) + (1 − a)·onehot(y2)`. The engine provides it
+    and passes the mixed targets here. `loss=mixkd` brings the authors' setting by default
+    (conf/loss/mixkd.yaml's defaults list pulls conf/augment/mixkd.yaml into `augment.mix`:
+    keep_fraction 0.9 drawn WITH replacement, ~59% of rows unmixed) and receives the run's
+    `augment.mix` as `mix` to check it: a run whose `augment.mix` has no partial mixup (the user
+    turned it off) is refused with a UserError, since it would measure std-normalised KD, not
+    MIX-KD. Direct calls (`mix=None`) compute the loss on whatever targets they are given.
+
+    Evaluation: the authors validate on std-scaled outputs (`output / std(output)` in their
+    `validate`, loops_mixstd.py), which leaves accuracy unchanged but not NLL or calibration.
+    `eval_logits(logits)` is that transform; an evaluator that honours it reports NLL/ECE of the
+    std-scaled outputs (the authors' view), otherwise the reported ECE is of the raw logits.
 
     Terms: `loss`; `soft_ce` (before soft_weight); `kd` (before kd_weight). The teacher logits
     (and σ_t) are detached; σ_s is not.
@@ -59,8 +70,13 @@ class MixKD(Objective):
     needs_teacher = True
     uses_labels = True
 
-    def __init__(self, soft_weight: float = 0.1, kd_weight: float = 0.9):
+    # what the reported NLL/ECE are computed on when the evaluator applies `eval_logits`
+    eval_view = "std_scaled"
+
+    def __init__(self, soft_weight: float = 0.1, kd_weight: float = 0.9, mix=None):
         super().__init__()
+        if mix is not None:
+            check_partial_mixup(mix)
         for name, v in (("soft_weight", soft_weight), ("kd_weight", kd_weight)):
             if float(v) < 0:
                 raise UserError(f"MixKD {name} must be >= 0, got {v}", key=f"loss.{name}",
@@ -79,5 +95,24 @@ class MixKD(Objective):
         loss = self.soft_weight * soft_ce + self.kd_weight * kd
         return {"loss": loss, "soft_ce": soft_ce.detach(), "kd": kd.detach()}
 
+    @staticmethod
+    def eval_logits(logits: torch.Tensor) -> torch.Tensor:
+        """The outputs the authors evaluate: each row divided by its own std (`std_scaled`)."""
+        return std_scaled(as_float(logits))
+
     def extra_repr(self) -> str:
         return f"soft_weight={self.soft_weight}, kd_weight={self.kd_weight}"
+
+
+def check_partial_mixup(mix) -> MixSpec:
+    """The run's `augment.mix` must mix partially (MIX-KD's PMU); a UserError otherwise."""
+    spec = MixSpec.from_config(mix)   # its own values are checked there (keys augment.mix.*)
+    if spec.partial is None or not spec.enabled:
+        raise UserError("loss=mixkd trains on partial-mixup batches (MIX-KD's PMU), but the "
+                        "run's augment.mix has it turned off, so it would measure "
+                        "std-normalised KD, not MIX-KD", "augment.mix.partial",
+                        "Drop the override: loss=mixkd brings the authors' partial mixup "
+                        "(conf/augment/mixkd.yaml); change it with e.g. "
+                        "augment.mix.partial.with_replacement=false (exactly 90% unmixed) or "
+                        "augment.mix.partial.keep_fraction=0 (every row mixed)")
+    return spec

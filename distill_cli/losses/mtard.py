@@ -32,7 +32,9 @@ class MTARD(StepObjective, PoolObjective):
         teachers[0] = the CLEAN (natural) teacher, fed the clean batch x,
         teachers[1] = the ROBUST (adversarially trained) teacher, fed x_adv.
 
-    Per step: x_adv = PGD against the STUDENT (eval mode while attacking), CE, start
+    Per step: x_adv = PGD against the STUDENT in EVAL mode (BatchNorm running statistics, none
+    updated), as the official `mtard_inner_loss_ce` (`model.eval()` before the attack loop,
+    `model.train()` after; unlike Madry's training-mode attack of `adv_ce`), CE, start
     x + 0.001·N(0, 1) (global torch RNG, checkpointed by the engine), `steps` steps of
     `step_size`, ε-ball ∩ [0, 1] after each, in [0, 1] pixel space (adversarial.py). Then, in the
     official order, student(x_adv) (train mode), robust teacher(x_adv), student(x), clean

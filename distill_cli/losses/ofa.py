@@ -23,10 +23,15 @@ Projectors (built in `bind` from one dry forward, trained jointly, saved under t
   conv to max(d_s, d_t) instead; then global average pool and Linear to the classes.
 * tokens `[B, N, D]` (official ViT/MLP branch; zoo convention: no CLS token, row-major on the
   model's `grid_size`, else a √N x √N grid): patch merging (LayerNorm + Linear of each 2x2
-  neighbourhood, halving the grid; odd sides are zero-padded) down to the last stage's grid,
-  the first merge projecting to d_s; then `head_blocks` pre-norm transformer blocks of width
-  d_s (4 heads, MLP ratio 4; "auto" = the official max(stages after this one, 1)), LayerNorm,
-  mean over tokens, Linear. As the
+  neighbourhood, halving the grid; odd sides are zero-padded, the official code asserts even
+  sides), the first merge projecting to d_s. How many merges (`final_grid`): the official
+  rule (default, `final_grid: 7`) merges towards OFA's fixed 7x7 grid,
+  n = max(floor(log2(g / 7)), 0) for a grid of side g (the smaller side of a non-square grid):
+  14 -> 7, 28 -> 7, 56 -> 7; grids that cannot reach 7x7 by halving keep the official count
+  (8 -> 0 merges: 8x8 stays, 16 -> 8x8, 4x4 digits/Fashion-MNIST grids -> 0). `final_grid:
+  last` (ours, before) merges down to the last student stage's grid instead. Then
+  `head_blocks` pre-norm transformer blocks of width d_s (4 heads, MLP ratio 4; "auto" = the
+  official max(stages after this one, 1)), LayerNorm, mean over tokens, Linear. As the
   official code, the token branch is d_s wide (only the CNN branch uses max(d_s, d_t)); the
   final LayerNorm is this project's addition (issue #6), the official code pools the raw stream.
   A stage with no merge and D ≠ d_s gets a Linear D → d_s first (ours).
@@ -135,9 +140,23 @@ def map_head(shape, last: int, width: int, num_classes: int) -> nn.Module:
                          nn.Linear(width, num_classes))
 
 
-def token_head(shape, grid: tuple[int, int], last: int, d_s: int, blocks: int,
+OFA_FINAL_GRID = 7   # official `final_patch_grid = 7  # finally there are 49 patches`
+
+
+def official_merges(side: int, final: int = OFA_FINAL_GRID) -> int:
+    """The official count `max(int(log2(side / final)), 0)`, in integers: the largest n >= 0
+    with final·2^n <= side (0 when side < 2·final)."""
+    n = 0
+    while final * 2 ** (n + 1) <= side:
+        n += 1
+    return n
+
+
+def token_head(shape, grid: tuple[int, int], n: int, d_s: int, blocks: int,
                num_classes: int) -> nn.Module:
-    dim, n = int(shape[1]), _halvings(min(grid), last)
+    """`n` patch merges (`official_merges`, or `_halvings` to the last stage's grid), then
+    `blocks` transformer blocks, LayerNorm, token mean, Linear."""
+    dim = int(shape[1])
     layers: list[nn.Module] = []
     for i in range(n):   # the official activations: GELU after all merges but a last (2nd+) one
         layers.append(PatchMerging(grid, dim if i == 0 else d_s, d_s, act=i == 0 or i < n - 1))
@@ -202,7 +221,7 @@ class OFA(FeatureObjective):
 
     def __init__(self, eps: float = 1.0, temperature: float = 1.0, gt_weight: float = 1.0,
                  kd_weight: float = 1.0, ofa_weight: float = 1.0, label_smoothing: float = 0.1,
-                 stages="all", head_blocks="auto"):
+                 stages="all", head_blocks="auto", final_grid=OFA_FINAL_GRID):
         if not (stages == "all" or (not isinstance(stages, (str, int)) and len(stages) > 0
                                     and all(isinstance(i, int) for i in stages))):
             raise UserError(f"stages must be 'all' or a list of student stage indices, got "
@@ -221,6 +240,10 @@ class OFA(FeatureObjective):
         if not (head_blocks == "auto" or (isinstance(head_blocks, int) and head_blocks >= 0)):
             raise UserError(f"head_blocks must be 'auto' or an integer >= 0, got {head_blocks!r}",
                             key="loss.head_blocks", fix="use auto (official) or e.g. 1")
+        if not (final_grid == "last" or (isinstance(final_grid, int)
+                                         and not isinstance(final_grid, bool) and final_grid >= 1)):
+            raise UserError(f"final_grid must be a grid side >= 1 or 'last', got {final_grid!r}",
+                            key="loss.final_grid", fix="use 7 (official) or last")
         for key, w in (("gt_weight", gt_weight), ("kd_weight", kd_weight),
                        ("ofa_weight", ofa_weight)):
             if not float(w) >= 0:
@@ -229,6 +252,7 @@ class OFA(FeatureObjective):
         self.gt_weight, self.kd_weight = float(gt_weight), float(kd_weight)
         self.ofa_weight, self.label_smoothing = float(ofa_weight), float(label_smoothing)
         self.head_blocks = head_blocks
+        self.final_grid = final_grid
         self.heads = nn.ModuleList()
         self.stage_ids: list[int] = []
 
@@ -261,7 +285,9 @@ class OFA(FeatureObjective):
             elif len(shape) == 2:
                 blocks = max(n - 1 - i, 1) if self.head_blocks == "auto" else self.head_blocks
                 grid = token_grid(int(shape[0]), student)
-                heads.append(token_head(shape, grid, last, d_s, int(blocks), num_classes))
+                merges = (_halvings(min(grid), last) if self.final_grid == "last"
+                          else official_merges(min(grid), int(self.final_grid)))
+                heads.append(token_head(shape, grid, merges, d_s, int(blocks), num_classes))
             else:
                 heads.append(vector_head(int(shape[0]), max(d_s, d_t), num_classes))
         self.heads = nn.ModuleList(heads)
@@ -291,4 +317,4 @@ class OFA(FeatureObjective):
         return (f"eps={self.eps}, temperature={self.temperature}, gt_weight={self.gt_weight}, "
                 f"kd_weight={self.kd_weight}, ofa_weight={self.ofa_weight}, "
                 f"label_smoothing={self.label_smoothing}, stages={self.stages}, "
-                f"head_blocks={self.head_blocks}")
+                f"head_blocks={self.head_blocks}, final_grid={self.final_grid}")

@@ -5,7 +5,7 @@ Every architecture registers itself in `ARCHS` when its family module is importe
 `FeatureTaps` for reading stage outputs.
 """
 from distill_cli.models.registry import ARCHS, create, register
-from distill_cli.models.taps import FeatureTaps
+from distill_cli.models.taps import ClassifierInput, FeatureTaps, prepool_path
 
 # Imported for their @register side effect; one module per family.
 from distill_cli.models import (  # noqa: E402,F401  isort: skip
@@ -13,4 +13,4 @@ from distill_cli.models import (  # noqa: E402,F401  isort: skip
     tv, vgg, vit, wrn,
 )
 
-__all__ = ["ARCHS", "FeatureTaps", "create", "register"]
+__all__ = ["ARCHS", "ClassifierInput", "FeatureTaps", "create", "prepool_path", "register"]

@@ -7,7 +7,10 @@ average pool and linear. The stem is a stride-2 conv, as in RepDistiller (total 
 Shapes at width 0.5 for 32x32: conv1 [B, 16, 16, 16] -> blocks.1 [B, 12, 16, 16]
 -> blocks.2 [B, 16, 8, 8] -> blocks.4 [B, 48, 4, 4] -> blocks.6 [B, 160, 2, 2]
 -> conv2 [B, 1280, 2, 2] -> pool [B, 1280] -> fc.
-Stages are RepDistiller's feature points (blocks.1, .2, .4, .6) plus conv2, the pooled map.
+Stages are RepDistiller's feature points `feat[1:5]` (blocks.1, .2, .4, .6: linear-bottleneck
+outputs, no activation), what AT (`feat[1:-1]`) and FitNet (`feat[2]` = blocks.2, the middle
+stage) read. conv2, the 1280-channel map that is pooled, is not a stage (RepDistiller has none
+there); the pooled vector is the classifier's input (`models.taps.ClassifierInput`).
 An 8x8 input goes down to 1x1 (stride-2 3x3 convs with padding 1 keep a 1x1 map 1x1).
 
 Differences from RepDistiller: the linear layer is `fc` (RepDistiller: `classifier.0`).
@@ -70,7 +73,8 @@ class MobileNetV2(nn.Module):
         kaiming_init_(self)
         nn.init.normal_(self.fc.weight, 0, 0.01)
         nn.init.zeros_(self.fc.bias)
-        self.stages = ("blocks.1", "blocks.2", "blocks.4", "blocks.6", "conv2")
+        self.stages = ("blocks.1", "blocks.2", "blocks.4", "blocks.6")   # RepDistiller feat[1:5]
+        self.prepool = "conv2"   # the map that is pooled (taps.prepool_path)
         self.feature_dim = last
         self.classifier = "fc"
 

@@ -4,8 +4,14 @@ A builder is `fn(num_classes, in_channels, input_size, **options) -> nn.Module`.
 builder returns satisfies the zoo contract, checked by `create`:
 
 * `forward(x)` returns logits `[B, num_classes]` and nothing else (features: `FeatureTaps`);
-* `stages: tuple[str, ...]` dotted module paths of the stage outputs, in forward order; the last
-  one is the final feature map that gets globally pooled;
+* `stages: tuple[str, ...]` dotted module paths of the stage outputs, in forward order. For the
+  RepDistiller families they are RepDistiller's feature points `feat[1:-1]` (`preact=False`:
+  the block outputs AT and FitNet read, pre- or post-activation exactly as theirs), so WRN's
+  last stage is block3's raw output and MobileNetV2 / ShuffleNetV2 / VGG have no stage for the
+  1x1 conv (or stem) RepDistiller does not tap. Elsewhere the last stage is the final map that
+  gets pooled. The pooled penultimate vector is the classifier's input
+  (`taps.ClassifierInput`), the map it is pooled from `taps.prepool_path(model)` (a model whose
+  last stage is not that map names it in an optional `prepool` attribute);
 * `feature_dim: int` width of the pooled feature fed to the final linear layer;
 * `classifier: str` module path of that final linear layer.
 
@@ -76,7 +82,7 @@ def _check_contract(arch: str, model: nn.Module) -> None:
     if not (isinstance(stages, tuple) and stages and isinstance(feature_dim, int)
             and isinstance(head, str)):
         raise TypeError(f"zoo model {arch!r} lacks stages/feature_dim/classifier")
-    for path in (*stages, head):
+    for path in (*stages, head, *([model.prepool] if getattr(model, "prepool", None) else [])):
         model.get_submodule(path)  # AttributeError names the bad path
 
 

@@ -7,8 +7,10 @@ The stem is a 1x1 conv to 24 channels at full resolution (RepDistiller's CIFAR c
 
 Shapes for 32x32: stem [B, 24, 32, 32] -> layer1 [B, 116, 16, 16] -> layer2 [B, 232, 8, 8]
 -> layer3 [B, 464, 4, 4] -> conv2/bn2/relu2 [B, 1024, 4, 4] -> pool [B, 1024] -> linear.
-Stages: layer1..3 and `relu2` (the 1024-channel map that is pooled; a ReLU module here so it can
-be tapped, RepDistiller calls F.relu). Init is PyTorch's default, as in RepDistiller.
+Stages: layer1..3 (each layer's last unit's shuffled output), RepDistiller's `feat[1:4]`, what
+AT and FitNet read. The 1024-channel conv2/bn2/relu2 map that is pooled is not a stage
+(RepDistiller has none there); the pooled vector is the classifier's input
+(`models.taps.ClassifierInput`). Init is PyTorch's default, as in RepDistiller.
 """
 from __future__ import annotations
 
@@ -87,13 +89,15 @@ class ShuffleNetV2(nn.Module):
         self.relu2 = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(widths[-1], num_classes)
-        self.stages = (*(f"layer{i}" for i in range(1, len(blocks) + 1)), "relu2")
+        # RepDistiller's feat[1:4]: conv2/bn2/relu2 (the pooled map) is not a stage
+        self.stages = tuple(f"layer{i}" for i in range(1, len(blocks) + 1))
+        self.prepool = "relu2"   # the map that is pooled (taps.prepool_path)
         self.feature_dim = widths[-1]
         self.classifier = "linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
-        for s in self.stages[:-1]:
+        for s in self.stages:
             x = getattr(self, s)(x)
         x = self.relu2(self.bn2(self.conv2(x)))
         return self.linear(torch.flatten(self.avgpool(x), 1))

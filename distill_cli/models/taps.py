@@ -70,3 +70,42 @@ def _resolve(model: nn.Module, path: str, key: str | None) -> nn.Module:
         f"The {type(model).__name__} model has no module {path!r} to tap", key=key,
         fix=(f"{hint}Its declared stages are: {', '.join(stages) or '(none)'}; any dotted name "
              f"from `model.named_modules()` works too (e.g. {names[0] if names else 'layer1'!r})"))
+
+
+def prepool_path(model: nn.Module) -> str:
+    """The module whose output is the final feature map, the one globally pooled into the
+    classifier's input: the model's `prepool` when it declares one (WRN's final bn-relu,
+    MobileNetV2's / ShuffleNetV2's conv2 block, which RepDistiller's stages stop before), else
+    its last stage."""
+    return getattr(model, "prepool", None) or model.stages[-1]
+
+
+class ClassifierInput:
+    """The pooled penultimate feature `[B, feature_dim]`: the INPUT of `model.classifier`, read
+    by a forward pre-hook (RepDistiller's `feat[-1]`, what RKD/CRD take). It is not always the
+    pool of the last stage: RepDistiller's stages (`model.stages`) stop before WRN's final bn-relu
+    and before MobileNetV2's / ShuffleNetV2's conv2, which feed the pool.
+
+        with ClassifierInput(model) as pen:
+            logits = model(x)
+            f = pen.value            # [B, model.feature_dim], with its autograd graph
+    """
+
+    def __init__(self, model: nn.Module):
+        self.value = None
+        self._handle = model.get_submodule(model.classifier).register_forward_pre_hook(
+            self._store)
+
+    def _store(self, module: nn.Module, args: tuple) -> None:
+        self.value = args[0]
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self) -> ClassifierInput:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -10,6 +10,10 @@ blocks 0-2 are skipped once the map is 1 px (8x8 inputs reach 1x1 after three po
 after block3 runs only while the map is larger than 4 px (RepDistiller: only for 64 px inputs),
 so block4 sees 4x4 at 32 and 64 px and a proportionally larger map for larger inputs.
 
+Stages are block1..block4 (each block's ReLU'd output, before its pool): RepDistiller's
+`feat[1:5]` (`is_feat=True, preact=False`), what AT (`feat[1:-1]`) and FitNet (`feat[2]` = the
+middle stage) read. block0 (its `f0`, the stem's counterpart) is not a stage.
+
 Differences from RepDistiller: the linear layer is `fc` (RepDistiller: `classifier`, which
 is the contract's attribute naming the head path here); each block keeps its final ReLU
 (RepDistiller applies it outside), which adds no parameters, so other state dict keys match.
@@ -37,7 +41,7 @@ def _block(cin: int, widths: tuple[int, ...]) -> nn.Sequential:
 
 
 class VGG(nn.Module):
-    """[B, in_channels, H, W] -> logits [B, num_classes]; stages block0..block4, head `fc`."""
+    """[B, in_channels, H, W] -> logits [B, num_classes]; stages block1..block4, head `fc`."""
 
     def __init__(self, cfg: tuple[tuple[int, ...], ...], num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -49,12 +53,13 @@ class VGG(nn.Module):
         kaiming_init_(self)
         nn.init.normal_(self.fc.weight, 0, 0.01)
         nn.init.zeros_(self.fc.bias)
-        self.stages = tuple(f"block{i}" for i in range(len(cfg)))
+        self.blocks = tuple(f"block{i}" for i in range(len(cfg)))
+        self.stages = self.blocks[1:]   # RepDistiller feat[1:-1]: block0 is the stem's f0
         self.feature_dim = cfg[-1][-1]
         self.classifier = "fc"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        *early, last = [getattr(self, s) for s in self.stages]
+        *early, last = [getattr(self, s) for s in self.blocks]
         for i, block in enumerate(early):
             x = block(x)
             min_side = 4 if i == len(early) - 1 else 1

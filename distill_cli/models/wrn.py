@@ -7,8 +7,10 @@ RepDistiller (`conv1, block1..3.layer.i, bn1, relu, fc`), so its checkpoints loa
 Shapes for 32x32: conv1 [B, 16, 32, 32] -> block1 [B, 16k, 32, 32] -> block2 [B, 32k, 16, 16]
 -> block3 [B, 64k, 8, 8] -> bn1+relu (same) -> pool [B, 64k] -> fc.
 
-Stages are ("block1", "block2", "relu"): in a pre-activation net block3's raw output has no
-activation yet, so the last stage is the bn-relu'd map that is actually pooled.
+Stages are ("block1", "block2", "block3"), the RAW block outputs, as RepDistiller's `feat[1:4]`
+(`is_feat=True, preact=False`, which AT/FitNet read): in this pre-activation net no block output
+has an activation; the final bn1-relu (what gets pooled) is not a stage. The pooled vector is the
+classifier's input (RepDistiller `feat[-1]`; `models.taps.ClassifierInput`).
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(w[3], num_classes)
         kaiming_init_(self)
         nn.init.zeros_(self.fc.bias)  # RepDistiller zeroes the linear bias, keeps its weight init
-        self.stages = ("block1", "block2", "relu")
+        self.stages = ("block1", "block2", "block3")   # RepDistiller feat[1:4]
+        self.prepool = "relu"   # the map that is pooled (taps.prepool_path)
         self.feature_dim = w[3]
         self.classifier = "fc"
 

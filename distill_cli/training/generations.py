@@ -1,22 +1,28 @@
 """Self-distillation generations (Borup & Andersen) — METHODS.md "Self-distillation with
 ground-truth guidance": `self_distill.generations=G` (G >= 1) with `loss=self_distill`.
 
-    <run_dir>/gen0/        the student's architecture trained on labels (CE), seed = seed
+    <run_dir>/gen0/        the student's architecture trained on labels, seed = seed: the
+                           same loss at α = 1 (the authors; `loss.gen0=ce`: CE, ours before)
     <run_dir>/gen<g>/      g = 1..G: the same architecture, fresh init (seed = seed + g), distilled
-                           with loss=self_distill at α_g from gen<g-1>/checkpoints/best.pt
+                           with loss=self_distill at α_g from gen<g-1>/checkpoints/last.pt (the
+                           authors hand on the final model; `loss.teacher_weights=best`: best.pt)
     <run_dir>/gen<g>_alpha1/, gen<g>_alpha0/   only with alpha=auto: the two fits that pick α_g
     <run_dir>/summary.json every generation's best/last test accuracy (`generations`), and the
                            final generation's metrics as the run's own (`best/test/acc1`, ...)
 
 Each generation is an ordinary run through `launcher.run` (checkpoints, metrics, summary, W&B
 run); every generation sees the same data order (`data_seed` is fixed), only the initialisation
-changes. `trainer.resume=auto` continues: finished generations are kept, an interrupted one is
-resumed, the rest start fresh.
+changes. Every generation (the α fits too) trains with `loss.optimizer` / `loss.scheduler` when
+they are set — the authors' Adam(lr 1e-3), no weight decay, constant lr, by default — in place of
+the run's `optimizer` / `scheduler` groups; setting those groups on the command line as well is
+refused (which one would win is not obvious): pass `loss.optimizer=null` to use them.
+`trainer.resume=auto` continues: finished generations are kept, an interrupted one is resumed,
+the rest start fresh.
 
 alpha=auto (OUR reconstruction of the per-generation choice; label results so): a generation's
 fit is treated as linear in its targets, f(α) ≈ α·f₁ + (1−α)·f₀, where f₁ and f₀ are the softmax
-VALIDATION predictions (best.pt) of the α=1 and α=0 fits trained for that generation (same init
-and data order). Minimising ‖y − f(α)‖² over α (y one-hot val labels, sums over samples and
+VALIDATION predictions (the weights a generation hands on: `loss.teacher_weights`) of the α=1
+and α=0 fits trained for that generation (same init and data order). Minimising ‖y − f(α)‖² over α (y one-hot val labels, sums over samples and
 classes) gives α* = ⟨f₁−f₀, y−f₀⟩ / ‖f₁−f₀‖², clipped to [0, 1]; the generation is then trained
 at α*. This costs two extra trainings per generation.
 """
@@ -34,7 +40,7 @@ from distill_cli.runs import checkpoint
 from distill_cli.config.build import TEACHER_SOURCE_KEYS, build_data
 from distill_cli.tasks.classification.evaluate import predict
 from distill_cli.errors import UserError
-from distill_cli.losses.self_distill import SelfDistill
+from distill_cli.losses.self_distill import SelfDistill, check_procedure
 from distill_cli.runs.directory import RunFinished, check_run_dir
 from distill_cli.teachers.load import frozen_from_checkpoint
 from distill_cli.io import read_json, write_json
@@ -73,24 +79,58 @@ def check_options(cfg: DictConfig) -> tuple[int, float | str]:
     if cfg.trainer.resume not in (None, "auto", "if_any"):
         raise UserError("A self-distillation run continues as a whole, not from one checkpoint",
                         "trainer.resume", "Use trainer.resume=auto with hydra.run.dir=<the run>")
+    loss = cfg.loss
+    check_procedure(loss.get("gen0", "mse"), loss.get("weight_penalty", 0.0),
+                    loss.get("teacher_weights", "last"))
+    for group in ("optimizer", "scheduler"):
+        clash = [o for o in command_line_overrides() if _sets(o, group)]
+        if loss.get(group) is not None and clash:
+            raise UserError(f"{' '.join(clash)} was given, but self-distillation generations "
+                            f"train with loss.{group} (the authors' procedure)", f"loss.{group}",
+                            f"Pass loss.{group}=null to train every generation with the "
+                            f"`{group}` group, or drop {' '.join(clash)}")
     return generations, alpha
+
+
+def command_line_overrides() -> list[str]:
+    """This job's command-line overrides (Hydra's `overrides.task`), or [] outside a Hydra
+    job (tests call `launch` with a composed config)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _sets(override: str, group: str) -> bool:
+    """Whether an override like `optimizer=adamw`, `optimizer.lr=0.1` or `~optimizer.nesterov`
+    sets the student's `group` (not `optimizer@teacher.train.optimizer=...`)."""
+    key = override.lstrip("~+").split("=", 1)[0]
+    return key == group or key.startswith(group + ".")
 
 
 def generation_config(cfg: DictConfig, g: int, alpha: float | None, teacher: Path | None
                       ) -> DictConfig:
-    """Generation g's run config: seed + g, the student's architecture; gen0 CE without a
-    teacher, later ones loss=self_distill at `alpha` from the `teacher` checkpoint."""
+    """Generation g's run config: seed + g, the student's architecture, `loss.optimizer` /
+    `loss.scheduler` when set; gen0 without a teacher (the loss at α = 1, or CE with
+    `loss.gen0=ce`), later ones loss=self_distill at `alpha` from the `teacher` checkpoint."""
     c = OmegaConf.to_container(cfg, resolve=True)   # fixes data_seed: one data order for all
     source = {k: v for k, v in c["teacher"].items() if k in TEACHER_SOURCE_KEYS}
     c["seed"] = int(c["seed"]) + g
     c["self_distill"] = {"generations": 0, "alpha": alpha}
+    for group in ("optimizer", "scheduler"):
+        if c["loss"].get(group) is not None:
+            c[group] = c["loss"][group]
     if teacher is None:
-        c["loss"] = dict(CE_LOSS)
+        c["loss"] = (dict(CE_LOSS) if c["loss"].get("gen0", "mse") == "ce"
+                     else {**c["loss"], "alpha": 1.0})
         c["teacher"] = {**source, "_target_": None, "arch": None, "checkpoint": None}
     else:
         c["loss"]["alpha"] = alpha
         c["teacher"] = {**source, **c["student"], "checkpoint": str(teacher)}
     return OmegaConf.create(c)
+
+
+def handed_on(gdir: Path, cfg: DictConfig) -> Path:
+    """The checkpoint a generation hands on (`loss.teacher_weights`): last.pt (the authors'
+    final model) or best.pt."""
+    return gdir / "checkpoints" / f"{cfg.loss.get('teacher_weights', 'last')}.pt"
 
 
 def run_generations(cfg: DictConfig, run_dir=None, tty=None, data=None) -> dict:
@@ -112,7 +152,7 @@ def run_generations(cfg: DictConfig, run_dir=None, tty=None, data=None) -> dict:
         return run(gcfg, gdir, tty=tty, data=data)
 
     def val_probs(gdir: Path) -> torch.Tensor:
-        ckpt = checkpoint.load(gdir / "checkpoints" / "best.pt", "self_distill.alpha")
+        ckpt = checkpoint.load(handed_on(gdir, cfg), "self_distill.alpha")
         model = frozen_from_checkpoint(cfg.student, ckpt, data, device, "self_distill.alpha")
         logits, _ = predict(model, data.val, int(cfg.trainer.eval_batch_size), device,
                             cfg.trainer.precision)
@@ -143,7 +183,7 @@ def run_generations(cfg: DictConfig, run_dir=None, tty=None, data=None) -> dict:
                 **{k: final.get(k) for k in (keys.BEST_VAL_ACC1, keys.BEST_TEST_ACC1,
                                              keys.LAST_TEST_ACC1, keys.BEST_TEST_ECE)}})
             write_json(run_dir / "summary.json", summary)
-            teacher = gdir / "checkpoints" / "best.pt"
+            teacher = handed_on(gdir, cfg)
     except RunInterrupted as stop:
         summary[keys.STATUS] = "interrupted"
         write_json(run_dir / "summary.json", summary)

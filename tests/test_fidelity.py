@@ -1,0 +1,361 @@
+"""Fidelity to the authors' code (issue #18 item 1): each test pins one place where the runner
+used to differ from the method's official implementation and would have failed before the fix.
+
+FitNet's regressor = RepDistiller's ConvReg; MIX-KD brings the authors' partial mixup (and refuses
+a run without it) and their std-scaled evaluation view; self-distillation follows Borup &
+Andersen's procedure (gen0 = the same MSE at α = 1, their Σ‖θ‖ penalty, Adam, the final model
+handed on); the zoo's stage taps are RepDistiller's `feat` points; DIST's effective ImageNet
+weights; Madry's training-mode attack for `adv_ce` (MTARD's stays in eval mode, as its code);
+OFA's token projectors merge towards the official 7x7 grid."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DIGITS, make_cfg
+from omegaconf import OmegaConf
+from test_cli import distill
+from torch import nn
+
+from distill_cli.config.build import build_data, build_model, build_objective
+from distill_cli.data import Batch
+from distill_cli.data.mixing import MixSpec, mix_batch, mix_generator
+from distill_cli.errors import UserError
+from distill_cli.losses.adv_ce import AdversarialCE
+from distill_cli.losses.base import StepContext
+from distill_cli.losses.fitnet import FitNet, HintRegressor
+from distill_cli.losses.mixkd import MixKD
+from distill_cli.losses.mtard import MTARD
+from distill_cli.losses.ofa import OFA, PatchMerging, official_merges
+from distill_cli.losses.self_distill import SelfDistill, weight_norm_sum
+from distill_cli.models import ClassifierInput, FeatureTaps, create, prepool_path
+from distill_cli.training.generations import generation_config, handed_on
+from distill_cli.training.run import run
+
+
+# ------------------------------------------------------------------------ FitNet's regressor
+def convreg_oracle(s_hw, t_hw):
+    """RepDistiller `models/util.py` ConvReg's choice, transcribed as a table: (layer, kernel,
+    stride, padding) or None where theirs raises."""
+    (sh, sw), (th, tw) = s_hw, t_hw
+    if sh == 2 * th:
+        return nn.Conv2d, (3, 3), (2, 2), (1, 1)
+    if sh * 2 == th:
+        return nn.ConvTranspose2d, (4, 4), (2, 2), (1, 1)
+    if sh >= th:
+        return nn.Conv2d, (1 + sh - th, 1 + sw - tw), (1, 1), (0, 0)
+    return None
+
+
+@pytest.mark.parametrize("s_hw,t_hw", [((4, 4), (4, 4)), ((8, 8), (4, 4)), ((2, 2), (4, 4)),
+                                       ((6, 6), (4, 4)), ((7, 5), (4, 4)), ((16, 16), (4, 4)),
+                                       ((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 1), (2, 2))])
+def test_fitnet_regressor_is_repdistillers_convreg(s_hw, t_hw):
+    reg = HintRegressor((3, *s_hw), (5, *t_hw))   # the default rule
+    layer, kernel, stride, padding = convreg_oracle(s_hw, t_hw)
+    assert type(reg.conv) is layer
+    assert (reg.conv.kernel_size, reg.conv.stride, reg.conv.padding) == (kernel, stride, padding)
+    assert reg(torch.randn(2, 3, *s_hw)).shape == (2, 5, *t_hw)
+
+
+def test_equal_sizes_get_a_1x1_conv_by_default_and_3x3_as_ours():
+    cfg = make_cfg(["loss=fitnet"])
+    obj = build_objective(cfg.loss)
+    assert cfg.loss.regressor == "repdistiller" and obj.regressor == "repdistiller"
+    obj.build_heads([torch.Size((8, 4, 4))], [torch.Size((16, 4, 4))], 10)
+    assert obj.regressors[0].conv.kernel_size == (1, 1)
+    ours = FitNet(regressor="ours")
+    ours.build_heads([torch.Size((8, 4, 4))], [torch.Size((16, 4, 4))], 10)
+    assert ours.regressors[0].conv.kernel_size == (3, 3)
+
+
+def test_every_square_size_pair_builds_or_is_refused_exactly_where_convreg_fails():
+    for sh in range(1, 10):
+        for th in range(1, 10):
+            if convreg_oracle((sh, sh), (th, th)) is None:
+                with pytest.raises(UserError) as err:
+                    HintRegressor((3, sh, sh), (5, th, th))
+                assert err.value.key == "loss.regressor" and "ours" in err.value.fix
+                # ours handles it (adaptive pooling)
+                ours = HintRegressor((3, sh, sh), (5, th, th), rule="ours")
+                assert ours(torch.randn(2, 3, sh, sh)).shape == (2, 5, th, th)
+            else:
+                out = HintRegressor((3, sh, sh), (5, th, th))(torch.randn(2, 3, sh, sh))
+                assert out.shape == (2, 5, th, th), (sh, th)
+    with pytest.raises(UserError):   # a width the height's rule cannot bring (theirs: MSE fails)
+        HintRegressor((3, 8, 3), (5, 4, 4))
+    with pytest.raises(UserError) as err:
+        FitNet(regressor="convreg")
+    assert err.value.key == "loss.regressor"
+
+
+# ------------------------------------------------------------------------ stage taps (audit)
+# RepDistiller's `feat[1:-1]` (is_feat=True, preact=False) per zoo family: module paths here,
+# whether those tensors are post-activation (>= 0) or raw (pre-activation, signed), and
+# `feat[2]`, FitNet's --hint_layer 2.
+REPDISTILLER_FEATS = {
+    "resnet8": (("layer1", "layer2", "layer3"), "post", "layer2"),
+    "resnet32x4": (("layer1", "layer2", "layer3"), "post", "layer2"),
+    "resnet18_cifar": (("layer1", "layer2", "layer3", "layer4"), "post", "layer2"),
+    "wrn_16_2": (("block1", "block2", "block3"), "raw", "block2"),
+    "vgg8": (("block1", "block2", "block3", "block4"), "post", "block2"),
+    "mobilenetv2": (("blocks.1", "blocks.2", "blocks.4", "blocks.6"), "raw", "blocks.2"),
+    "shufflenetv1": (("layer1", "layer2", "layer3"), "post", "layer2"),
+    "shufflenetv2": (("layer1", "layer2", "layer3"), "post", "layer2"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(REPDISTILLER_FEATS))
+def test_stage_taps_are_repdistillers_feature_points(arch):
+    paths, activation, hint = REPDISTILLER_FEATS[arch]
+    torch.manual_seed(0)
+    model = create(arch, 10, 3, (32, 32)).train()
+    assert model.stages == paths
+    x = torch.randn(4, 3, 32, 32)
+    with FeatureTaps(model, model.stages) as taps, ClassifierInput(model) as pen:
+        model(x)
+    for p in paths:
+        low = float(taps[p].detach().min())
+        assert (low >= 0) if activation == "post" else (low < 0), (p, low)
+    # FitNet's default `middle` stage is RepDistiller's feat[2] (--hint_layer 2)
+    assert model.stages[(len(model.stages) - 1) // 2] == hint
+    assert pen.value.shape == (4, model.feature_dim)
+
+
+def test_wrn_last_stage_is_the_raw_block3_output_not_the_pooled_bn_relu():
+    torch.manual_seed(0)
+    model = create("wrn_16_2", 10, 3, (32, 32)).train()
+    x = torch.randn(4, 3, 32, 32)
+    with FeatureTaps(model, model.stages) as taps, ClassifierInput(model) as pen:
+        model(x)
+    with torch.no_grad():
+        raw = model.block3(model.block2(model.block1(model.conv1(x))))
+        pooled = model.relu(model.bn1(raw)).mean(dim=(2, 3))
+    torch.testing.assert_close(taps["block3"], raw)
+    torch.testing.assert_close(pen.value, pooled)   # RepDistiller feat[-1] stays the bn-relu'd
+    assert prepool_path(model) == "relu"            # and the map it is pooled from is named
+
+
+# ------------------------------------------------------------------------ MIX-KD
+def test_loss_mixkd_brings_the_authors_partial_mixup():
+    cfg = make_cfg(["loss=mixkd"])
+    spec = MixSpec.from_config(cfg.augment.mix)
+    assert spec.enabled and spec.partial is not None
+    assert (spec.partial.keep_fraction, spec.partial.with_replacement, spec.partial.alpha) \
+        == (0.9, True, 1.0)
+    assert isinstance(build_objective(cfg.loss), MixKD)
+    # a batch of 256 keeps about 1 − e^−0.9 ≈ 59% of its rows unmixed, as the authors' PMU
+    x, y = torch.randn(256, 1, 2, 2), torch.randint(0, 10, (256,))
+    kept = [float((mix_batch(x, y, 10, spec, mix_generator(0, 1, s))[2]["lam"] == 1).float()
+                  .mean()) for s in range(8)]
+    assert 0.54 < float(np.mean(kept)) < 0.64
+    # the 90% option, and other losses are left alone
+    exact = MixSpec.from_config(
+        make_cfg(["loss=mixkd", "augment.mix.partial.with_replacement=false"]).augment.mix)
+    assert float((mix_batch(x, y, 10, exact, mix_generator(0, 1, 0))[2]["lam"] == 1).float()
+                 .mean()) == pytest.approx(int(256 * 0.9) / 256)
+    assert make_cfg(["loss=kd"]).augment.mix.partial is None
+
+
+@pytest.mark.parametrize("override", ["augment.mix.partial=null", "augment.mix.prob=0"])
+def test_mixkd_without_partial_mixup_is_refused(override):
+    with pytest.raises(UserError) as err:
+        build_objective(make_cfg(["loss=mixkd", override]).loss)
+    assert err.value.key == "augment.mix.partial" and "MIX-KD" in err.value.what
+
+
+def test_mixkd_with_mixing_turned_off_exits_2_on_the_command_line(tmp_path):
+    proc = distill(*DIGITS, "teacher=resnet8", "student=mlp", "loss=mixkd",
+                   "augment.mix.partial=null", tmp_path=tmp_path, check_rc=2)
+    assert "augment.mix.partial" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.pt"))
+
+
+def test_mixkd_run_trains_on_partially_mixed_batches(tmp_path, digits_teacher):
+    run(make_cfg(DIGITS + ["teacher=resnet8", f"teacher.checkpoint={digits_teacher}",
+                           "student=mlp", "loss=mixkd", "trainer.epochs=1"]),
+        tmp_path / "r", tty=False)
+    cfg = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)["config"]
+    assert cfg["augment"]["mix"]["partial"] == {"keep_fraction": 0.9, "with_replacement": True,
+                                                "alpha": 1.0}
+
+
+def test_mixkd_evaluation_view_is_the_authors_std_scaled_outputs():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 10, generator=g) * 5
+    scaled = MixKD.eval_logits(z)
+    torch.testing.assert_close(scaled, z / (z.std(dim=1, keepdim=True) + 1e-7))
+    assert torch.equal(scaled.argmax(1), z.argmax(1))   # accuracy unchanged, NLL/ECE not
+    assert MixKD.eval_view == "std_scaled"
+
+
+# ------------------------------------------------------------------------ self-distillation
+SD = DIGITS + ["student=mlp", "loss=self_distill", "self_distill.generations=2"]
+
+
+def test_generation_zero_is_the_same_mse_at_alpha_1_with_the_authors_adam():
+    cfg = make_cfg(SD)
+    g0 = generation_config(cfg, 0, None, None)
+    assert g0.loss._target_.endswith("SelfDistill") and g0.loss.alpha == 1.0
+    assert g0.teacher.arch is None and not build_objective(g0.loss).needs_teacher
+    for g in (g0, generation_config(cfg, 1, 0.4, None)):
+        assert g.optimizer._target_ == "torch.optim.Adam" and g.optimizer.lr == 1e-3
+        assert g.scheduler._target_.endswith("constant")
+        assert "weight_decay" not in g.optimizer
+    ours = generation_config(make_cfg(SD + ["loss.gen0=ce", "loss.optimizer=null",
+                                            "loss.scheduler=null"]), 0, None, None)
+    assert ours.loss._target_.endswith("CrossEntropy") and ours.optimizer._target_.endswith("SGD")
+
+
+def test_the_handed_on_teacher_is_the_final_model(tmp_path):
+    assert handed_on(tmp_path, make_cfg(SD)) == tmp_path / "checkpoints" / "last.pt"
+    assert handed_on(tmp_path, make_cfg(SD + ["loss.teacher_weights=best"])).name == "best.pt"
+
+
+def test_weight_penalty_is_the_sum_of_parameter_norms():
+    torch.manual_seed(0)
+    model = create("mlp", 5, 1, (4, 4), hidden=[6])
+    x, y, t = torch.randn(8, 1, 4, 4), torch.randint(0, 5, (8,)), torch.randn(8, 5)
+    obj = SelfDistill(alpha=0.3, weight_penalty=1e-2)
+    teacher = SimpleNamespace(train_logits=lambda batch: t)
+    terms = obj.train_terms(model, model, teacher, Batch(torch.arange(8), x, y), None)
+    norms = sum(np.sqrt((p.detach().double().numpy() ** 2).sum()) for p in model.parameters())
+    p = F.softmax(model(x).double(), 1).detach().numpy()
+    onehot, pt = np.eye(5)[y.numpy()], F.softmax(t.double(), 1).numpy()
+    mse = 0.3 * np.mean((p - onehot) ** 2) + 0.7 * np.mean((p - pt) ** 2)
+    assert float(terms["weight_norm"]) == pytest.approx(norms, rel=1e-6)
+    assert float(terms["loss"].detach()) == pytest.approx(mse + 1e-2 * norms, rel=1e-5)
+    # its gradient on a weight is weight_penalty * θ/‖θ‖ (+ the MSE's): check it alone
+    model.zero_grad()
+    (1e-2 * weight_norm_sum(model)).backward()
+    w = model.get_submodule(model.classifier).weight
+    torch.testing.assert_close(w.grad, 1e-2 * w.detach() / w.detach().norm())
+
+
+def test_an_explicit_optimizer_with_self_distillation_generations_exits_2(tmp_path):
+    proc = distill(*SD, "optimizer=adamw", tmp_path=tmp_path, check_rc=2)
+    assert "loss.optimizer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------ DIST
+def test_dist_imagenet_recipe_has_the_official_effective_weights():
+    cfg = make_cfg(["recipe=imagenet_r34_r18_dist"])
+    # official: DIST(beta=1, gamma=1, tau=1) x kd_loss_weight 2, CE x 1
+    assert (cfg.loss.temperature, cfg.loss.beta, cfg.loss.gamma, cfg.loss.ce_weight) \
+        == (1.0, 2.0, 2.0, 1.0)
+    assert (cfg.teacher.name, cfg.student.name) == ("resnet34", "resnet18")
+    assert cfg.optimizer.nesterov is True and cfg.trainer.epochs == 100
+    cifar = make_cfg(["loss=dist"]).loss   # official dist_t4 x kd_loss_weight 2
+    assert (cifar.temperature, cifar.beta, cifar.gamma) == (4.0, 2.0, 2.0)
+
+
+# ------------------------------------------------------------------------ adversarial attacks
+@pytest.fixture(scope="module")
+def digits():
+    cfg = make_cfg(DIGITS + ["student=resnet8"])
+    data = build_data(cfg.dataset)
+    return cfg, data
+
+
+def bn_modes(model):
+    """Records, per BatchNorm forward, whether it ran in training mode."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("attack_bn,during_attack", [("train", True), ("eval", False)])
+def test_adv_ce_attacks_the_training_mode_graph_by_default(digits, attack_bn, during_attack):
+    cfg, data = digits
+    assert make_cfg(["loss=adv_ce"]).loss.attack_bn == "train"
+    torch.manual_seed(0)
+    student = build_model(cfg.student, "student", data).train()
+    obj = AdversarialCE(steps=3, attack_bn=attack_bn)
+    obj.bind(student, None, data)
+    batch = next(iter(data.train.train_batches(16, 0, 1)))
+    first_bn = next(m for m in student.modules() if isinstance(m, nn.BatchNorm2d))
+    seen, hooks = bn_modes(first_bn)
+    before = first_bn.num_batches_tracked.item()
+    obj.step_terms(student, None, batch, None)
+    for h in hooks:
+        h.remove()
+    assert seen == [during_attack] * 3 + [True]   # 3 attack forwards, then the loss forward
+    # Madry's BatchNorm (updates_collections=None) moves its averages on every attack forward
+    assert first_bn.num_batches_tracked.item() - before == (4 if during_attack else 1)
+    assert student.training
+
+
+def test_mtard_attacks_the_student_in_eval_mode_as_its_code(digits):
+    cfg, data = digits
+    torch.manual_seed(0)
+    student = build_model(cfg.student, "student", data).train()
+    teachers = [build_model(cfg.student, "student", data).eval().requires_grad_(False)
+                for _ in range(2)]
+    obj = MTARD(steps=3)
+    obj.bind(student, teachers, data)
+    first_bn = next(m for m in student.modules() if isinstance(m, nn.BatchNorm2d))
+    seen, hooks = bn_modes(first_bn)
+    batch = next(iter(data.train.train_batches(16, 0, 1)))
+    obj.step_terms(student, teachers, batch, StepContext(1, 0, 1, 1))
+    for h in hooks:
+        h.remove()
+    # official mtard_inner_loss_ce: model.eval() for the attack, model.train() for the losses
+    assert seen == [False] * 3 + [True, True]
+
+
+# ------------------------------------------------------------------------ OFA token projectors
+@pytest.mark.parametrize("side,merges", [(4, 0), (7, 0), (8, 0), (13, 0), (14, 1), (16, 1),
+                                         (27, 1), (28, 2), (56, 3), (112, 4)])
+def test_official_merge_count_towards_a_7x7_grid(side, merges):
+    assert official_merges(side) == merges
+    assert official_merges(side) == max(int(np.log2(side / 7)), 0)   # the official expression
+
+
+def test_token_projector_merges_a_14x14_grid_to_7x7_not_to_the_last_stage_grid():
+    # an isotropic ViT on 28 px with 2 px patches: every stage is a 14x14 grid
+    student = create("vit_tiny", 5, 1, (28, 28), patch_size=2, dim=32, depth=3, heads=2)
+    teacher = create("resnet8", 5, 1, (28, 28))
+    x = torch.randn(2, 1, 28, 28)
+    data = SimpleNamespace(val=SimpleNamespace(eval_batches=lambda n: iter([SimpleNamespace(x=x)])),
+                           input_shape=(1, 28, 28))
+    merged = []
+    for final_grid in (7, "last"):
+        obj = OFA(stages=[0], final_grid=final_grid)
+        obj.bind(student, teacher, data)
+        merged.append([m.grid for m in obj.heads[0] if isinstance(m, PatchMerging)])
+    assert merged == [[(14, 14)], []]   # official: 14 -> 7; ours: the last stage's 14x14
+    assert OmegaConf.select(make_cfg(["loss=ofa"]), "loss.final_grid") == 7
+    with pytest.raises(UserError) as err:
+        OFA(final_grid=0)
+    assert err.value.key == "loss.final_grid"
+
+
+# ------------------------------------------------------------------------ bad option values
+@pytest.mark.parametrize("build,key", [
+    (lambda: SelfDistill(gen0="xe"), "loss.gen0"),
+    (lambda: SelfDistill(weight_penalty=-1), "loss.weight_penalty"),
+    (lambda: SelfDistill(teacher_weights="first"), "loss.teacher_weights"),
+    (lambda: AdversarialCE(attack_bn="frozen"), "loss.attack_bn"),
+])
+def test_new_options_refuse_bad_values(build, key):
+    with pytest.raises(UserError) as err:
+        build()
+    assert err.value.key == key and err.value.fix
+
+
+def test_bad_generation_option_is_refused_before_any_training(tmp_path):
+    from distill_cli.training.launch import launch
+    with pytest.raises(UserError) as err:
+        launch(make_cfg(SD + ["loss.teacher_weights=first"]), tmp_path / "sd", tty=False)
+    assert err.value.key == "loss.teacher_weights" and not (tmp_path / "sd" / "gen0").exists()
+
+
+def test_mtard_recipe_keys_its_robust_teacher_on_the_attack_mode():
+    """The store keys a teacher on its train.loss node as written: naming attack_bn keeps a
+    robust teacher stored before the default changed (eval-mode attack) from being reused."""
+    robust = make_cfg(["recipe=fmnist_mtard"]).teachers[1]
+    assert robust.train.loss.attack_bn == "train"
