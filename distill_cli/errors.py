@@ -23,7 +23,8 @@ class UserError(Exception):
             parts.append(f"Config key: `{self.key}`.")
         if self.fix:
             parts.append(self.fix.rstrip(".") + ".")
-        return textwrap.fill(" ".join(parts), width=100)
+        return textwrap.fill(" ".join(parts), width=100, break_on_hyphens=False,
+                             break_long_words=False)
 
 
 def exit_with(err: UserError) -> "NoReturn":  # noqa: F821

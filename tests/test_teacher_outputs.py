@@ -42,7 +42,7 @@ def outputs_for(overrides, root, teacher, batch_size=64, data_seed=5):
 def small_teacher(data):
     torch.manual_seed(0)
     cfg = make_cfg(["student=resnet8"])
-    return build.build_model(cfg.student, "t", data).eval()
+    return build.build_model(cfg.student, "student", data).eval()
 
 
 def test_stored_equals_live_for_every_batch(tmp_path):

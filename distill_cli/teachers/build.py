@@ -7,6 +7,7 @@ A build stopped after its first checkpoint is continued bit-exactly by the next 
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,11 +20,12 @@ from torch import nn
 from distill_cli import keys
 from distill_cli.config.build import TEACHER_SOURCE_KEYS
 from distill_cli.errors import UserError
-from distill_cli.io import read_json
+from distill_cli.io import read_json, write_json
 from distill_cli.runs import checkpoint
 from distill_cli.runs.directory import LAST
+from distill_cli.tasks.classification.evaluate import predict
 from distill_cli.teachers.load import frozen_from_checkpoint
-from distill_cli.teachers.store import Store, content_key
+from distill_cli.teachers.store import BrokenEntry, Store, content_key, prune_command
 
 
 
@@ -67,22 +69,82 @@ def from_store(node: DictConfig, data, device, reporter, access: StoreAccess
     desc = teacher_description(node, data, access.precision)
     key = content_key(desc)
     store = Store(access.root, "teachers")
-    meta = store.get(key)
+    meta = _entry(store, key)
     hit = meta is not None
     if not hit:
         waiting = f"teacher {node.arch}: another job is training it (key {key}); waiting"
         with store.lock(key, on_wait=lambda: reporter.stage(waiting)):
-            meta = store.get(key)  # another job may have trained it while we waited
+            meta = _entry(store, key)  # another job may have trained it while we waited
             hit = meta is not None
             if not hit:
                 meta = _train_into_store(node, data, store, key, desc, reporter, access)
     if hit:
         reporter.stage(f"teacher {node.arch}: reusing stored teacher {key} "
                        f"(test acc1 {meta['test_acc1']:.2f}, trained {meta['created']})")
-    ckpt = checkpoint.load(store.path(key) / "checkpoints" / "best.pt", "teacher")
-    model = frozen_from_checkpoint(node, ckpt, data, device, "teacher")
+    best = store.path(key) / "checkpoints" / "best.pt"
+    fix = (f"The stored teacher is damaged: remove it with `{prune_command(access.root, key)}` "
+           "and run again (the store trains it anew)")
+    try:
+        ckpt = checkpoint.load(best, "teacher", fix=fix)
+        model = frozen_from_checkpoint(node, ckpt, data, device, "teacher")
+    except UserError as err:   # the entry's own files, not the user's settings, are wrong
+        raise UserError(f"Stored teacher {key}: {err.what}", "teacher", fix) from None
+    if hit:
+        verify_stored(model, best, meta, data, device, access.precision, fix)
+    else:   # just scored by its own run's final evaluation: nothing to check on first reuse
+        _record_verified(best, float(meta["test_acc1"]))
     return model, {keys.TEACHER_KEY: key, keys.TEACHER_SOURCE: "store",
                    keys.TEACHER_STORE_HIT: hit, keys.TEACHER_STORE_DIR: str(store.path(key))}
+
+
+def _entry(store: Store, key: str) -> dict | None:
+    try:
+        return store.get(key)
+    except BrokenEntry as err:   # the run asked for it through `teacher`
+        raise UserError(err.what, "teacher", err.fix) from None
+
+
+VERIFIED_FILE = "verified.json"   # in the entry: best.pt's hash, once it scored its record
+
+
+def verify_stored(model: nn.Module, best: Path, meta: dict, data, device, precision: str,
+                  fix: str) -> None:
+    """A stored teacher must still score what its entry records on the test split (a damaged
+    or NaN best.pt would otherwise teach at chance level). Checked once per best.pt content:
+    the pass is recorded next to it by hash, and hashing costs far less than a test pass."""
+    digest = _sha256(best)
+    marker = best.parent.parent / VERIFIED_FILE
+    if (read_json(marker) or {}).get("best_sha256") == digest:
+        return
+    logits, targets = predict(model, data.test, 512, device, precision)
+    n = len(targets)
+    if n == 0 or logits.dim() != 2:   # the record is a classifier's test acc1
+        return
+    acc = float((logits.argmax(1).cpu() == targets.cpu()).double().mean()) * 100
+    # precision/memory-format differences may flip a sample or two, never the accuracy
+    tol = max(1.0, 200.0 / n)
+    if not abs(acc - float(meta["test_acc1"])) <= tol:   # also catches a NaN accuracy
+        raise UserError(f"Stored teacher {meta['key']} scores {acc:.2f} test acc1 but its entry "
+                        f"records {meta['test_acc1']:.2f}: its weights ({best}) are not the "
+                        "ones that were stored", "teacher", fix)
+    _record_verified(best, acc, digest)
+
+
+def _record_verified(best: Path, acc: float, digest: str | None = None) -> None:
+    try:
+        write_json(best.parent.parent / VERIFIED_FILE, {
+            "best_sha256": digest or _sha256(best), "test_acc1": acc,
+            "checked": time.strftime("%Y-%m-%d %H:%M:%S")})
+    except OSError:   # a read-only store is still usable: the check runs again next time
+        pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _train_into_store(node: DictConfig, data, store: Store, key: str, desc: dict, reporter,
@@ -93,6 +155,7 @@ def _train_into_store(node: DictConfig, data, store: Store, key: str, desc: dict
     run_dir = staging / "run"
     # a finished run whose publication did not happen (the files may be half moved): publish
     summary = read_json(run_dir / "summary.json") or read_json(staging / "summary.json") or {}
+    summary = summary if isinstance(summary, dict) else {}   # a mangled file: not finished
     if summary.get(keys.STATUS) != "finished":
         resume = _continue_build(node, staging, key, reporter, access)
         if not resume:
@@ -125,7 +188,7 @@ def _continue_build(node: DictConfig, staging: Path, key: str, reporter,
     last = staging / "run" / LAST
     if last.is_file():
         try:
-            ckpt = checkpoint.load(last, "teacher store")
+            ckpt = checkpoint.load(last, "teacher store", resume=True)
             access.same_run(node, ckpt)
         except UserError as err:
             reporter.stage(f"teacher {node.arch}: its unfinished build cannot be "

@@ -90,7 +90,9 @@ def resolve_teacher(node: DictConfig, data, device: torch.device, reporter,
     elif not node.get("checkpoint"):
         model, info = from_store(node, data, device, reporter, access)
     else:
-        ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint")
+        ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint", fix=(
+            "Use a checkpoint written by `distill` (e.g. <run>/checkpoints/best.pt of a finished "
+            "run), or drop teacher.checkpoint to let the teacher store train one"))
         model = frozen_from_checkpoint(node, ckpt, data, device, "teacher.checkpoint",
                                        any_classes)
         info = {keys.TEACHER_SOURCE: "checkpoint",

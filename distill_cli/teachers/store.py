@@ -5,11 +5,16 @@ the directory is renamed into place); `<root>/<kind>/.tmp-<key>` is the entry be
 `<root>/<kind>/<key>.lock` serialises builders. Readers never see a half-built entry: a build
 that stops early leaves only its `.tmp-` directory, which the next build of the key may continue
 (teachers.py) and `prune` removes.
+
+An entry whose `entry.json` is not what `publish` wrote (emptied, hand-edited, `{}`) is BROKEN:
+never used as a teacher, listed as broken, removed by `distill-teachers prune <key>`. Listing
+and pruning never create the store's directories.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -18,6 +23,7 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
+from distill_cli.errors import UserError
 from distill_cli.io import read_json, write_json
 
 ENTRY_FILE = "entry.json"
@@ -33,17 +39,86 @@ def default_root() -> Path:
     return Path(os.environ.get("DISTILL_HOME", "~/.cache/distill_cli")).expanduser()
 
 
+def prune_command(root: str | Path, key: str) -> str:
+    """The command that removes entry `key` (`--root` named unless it is the default)."""
+    named = Path(root).expanduser() != default_root()
+    return "distill-teachers " + (f"--root {root} " if named else "") + f"prune {key}"
+
+
+def teacher_entry_problem(meta) -> str | None:
+    """Why a teacher entry's metadata is not what `publish` wrote, or None (every field a
+    reader indexes: the run's reuse line, `distill-teachers list`)."""
+    if not isinstance(meta, dict):
+        return f"entry.json holds a {type(meta).__name__}, not the entry's metadata"
+    kinds = {"key": str, "arch": str, "dataset": str, "created": str, "size_bytes": int,
+             "description": dict, "test_acc1": (int, float)}
+    bad = [k for k, kind in kinds.items()
+           if not isinstance(meta.get(k), kind) or isinstance(meta.get(k), bool)]
+    if bad:
+        return f"entry.json lacks or mangles {', '.join(bad)}"
+    if not math.isfinite(meta["test_acc1"]):
+        return f"entry.json records test_acc1={meta['test_acc1']}"
+    return None
+
+
+ENTRY_CHECKS = {"teachers": teacher_entry_problem}
+
+
+class BrokenEntry(UserError):
+    """A complete-looking entry (`<key>/entry.json` exists) whose metadata is unusable."""
+
+    def __init__(self, path: Path, reason: str, root: str | Path, key: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"The store entry {path} is broken ({reason})", "store.root",
+                         f"Remove it with `{prune_command(root, key)}`; the next run that "
+                         "needs it builds it again")
+
+
 class Store:
-    def __init__(self, root: str | Path, kind: str):
+    def __init__(self, root: str | Path, kind: str, *, create: bool = True,
+                 root_key: str = "store.root"):
+        """`create=False` (list, prune): a store that does not exist reads as empty and is not
+        created. `root_key` names the setting that gave `root` in errors."""
+        self.root, self.kind = root, kind
         self.dir = Path(root).expanduser() / kind
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.check = ENTRY_CHECKS.get(kind, lambda meta: None if isinstance(meta, dict)
+                                      else f"entry.json holds a {type(meta).__name__}")
+        fix = "Point it at a directory (or a path where one can be created)"
+        for p in (Path(root).expanduser(), self.dir):
+            if p.exists() and not p.is_dir():
+                raise UserError(f"The store root {root} is not a directory ({p} is a file)",
+                                root_key, fix)
+        if create:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:   # a file on the way, no permission, read-only mount
+                raise UserError(f"Cannot create the store directory {self.dir} "
+                                f"({type(exc).__name__}: {exc.strerror or exc})", root_key,
+                                fix) from None
 
     def path(self, key: str) -> Path:
         return self.dir / key
 
+    def _problem(self, key: str) -> tuple[dict | None, str | None]:
+        """(metadata, None) for a good entry, (None, None) for none, (None, why) if broken."""
+        file = self.path(key) / ENTRY_FILE
+        if not file.is_file():
+            return None, None
+        meta = read_json(file)
+        if meta is None:
+            return None, "entry.json is empty or not JSON"
+        problem = self.check(meta)
+        if problem is None and meta.get("key", key) != key:
+            problem = f"entry.json names key {meta.get('key')!r}"
+        return (None, problem) if problem else (meta, None)
+
     def get(self, key: str) -> dict | None:
-        """The entry's metadata when the entry is complete, else None."""
-        return read_json(self.path(key) / ENTRY_FILE)
+        """The entry's metadata when the entry is complete, None when there is none; a broken
+        entry raises `BrokenEntry` (naming the command that removes it)."""
+        meta, problem = self._problem(key)
+        if problem:
+            raise BrokenEntry(self.path(key) / ENTRY_FILE, problem, self.root, key)
+        return meta
 
     @contextmanager
     def lock(self, key: str, on_wait=None) -> Iterator[None]:
@@ -82,16 +157,30 @@ class Store:
         os.replace(staging, final)
         return meta
 
+    def _entry_dirs(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and (p / ENTRY_FILE).exists())
+
     def entries(self) -> list[dict]:
-        out = []
-        for p in sorted(self.dir.iterdir()):
-            meta = read_json(p / ENTRY_FILE) if p.is_dir() and not p.name.startswith(".") else None
-            if meta is not None:
-                out.append(meta)
+        """The metadata of every good entry (broken ones are in `broken()`)."""
+        return [meta for meta, _ in map(self._problem, (p.name for p in self._entry_dirs()))
+                if meta is not None]
+
+    def broken(self) -> dict[str, str]:
+        """{key: why} of the entries whose metadata is unusable."""
+        out = {}
+        for p in self._entry_dirs():
+            problem = self._problem(p.name)[1]
+            if problem:
+                out[p.name] = problem
         return out
 
     def leftovers(self) -> list[Path]:
         """Directories of builds that never completed."""
+        if not self.dir.is_dir():
+            return []
         return [p for p in self.dir.iterdir()
                 if p.is_dir() and (p.name.startswith(".tmp-") or not (p / ENTRY_FILE).exists())]
 
