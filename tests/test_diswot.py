@@ -145,6 +145,29 @@ def test_score_equals_the_numpy_formula_on_the_probed_tensors():
     assert gt.shape == (10, 32) and ft.shape == (24, 32, 1, 1)   # pre-pool: last stage output
 
 
+
+@pytest.mark.parametrize("arch,pooled_map", [("wrn_16_2", "relu"), ("mobilenetv2", "conv2"),
+                                             ("shufflenetv2", "relu2"), ("resnet8", "layer3")])
+def test_probe_reads_the_pooled_map_and_the_classifiers_gradient(arch, pooled_map):
+    """The search's D_rel reads the map that is pooled into the classifier (not the last
+    RepDistiller stage, e.g. WRN's raw block3), and its D_sem gradient is DisWOT†'s closed form
+    on the classifier's input: search score and loss read the same two tensors."""
+    model = scoring_copy(create(arch, 10, 3, (32, 32)), seed=3)
+    g = gen(4)
+    x, y = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,))
+    seen = {}
+    fc = model.get_submodule(model.classifier)
+    hooks = [model.get_submodule(pooled_map).register_forward_hook(
+                 lambda m, a, o: seen.__setitem__("map", o.detach())),
+             fc.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0].detach())),
+             fc.register_forward_hook(lambda m, a, o: seen.__setitem__("z", o.detach()))]
+    grad, feat = probe(model, x, y)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(feat, seen["map"])
+    assert torch.allclose(grad, fc_gradient(seen["z"], seen["h"], y), rtol=1e-9, atol=1e-12)
+
+
 def test_width_mismatch_is_refused_for_the_semantic_term():
     teacher, _, x, y = small_pair()
     other = create("mlp", 10, 1, (8, 8), hidden=[16])
@@ -330,12 +353,18 @@ def loss_inputs(seed=6, b=8, k=5, c=6):
     return s, t, y, f_s, f_t
 
 
+def reads(f):
+    """DisWOT†'s per-model features [pre-pool map, classifier input]; here the classifier's
+    input is the map's global average pool, as in a plain CNN."""
+    return [f, f.mean(dim=(2, 3))]
+
+
 @pytest.mark.parametrize("w_sem,w_rel", [(30.0, 3000.0), (0.0, 5.0), (2.0, 0.0)])
 def test_diswot_distill_matches_numpy(w_sem, w_rel):
     s, t, y, f_s, f_t = loss_inputs()
     obj = DisWOTDistill(temperature=4.0, ce_weight=0.1, kd_weight=0.9, semantic_weight=w_sem,
                         relation_weight=w_rel)
-    out = obj(s, t, y, None, s_feats=[f_s], t_feats=[f_t])
+    out = obj(s, t, y, None, s_feats=reads(f_s), t_feats=reads(f_t))
     sn, tn, yn, fsn, ftn = (a.numpy() for a in (s, t, y, f_s, f_t))
     T = 4.0
     ce = -np.mean(np_log_softmax(sn)[np.arange(len(yn)), yn])
@@ -362,9 +391,9 @@ def test_diswot_distill_matches_numpy(w_sem, w_rel):
 def test_diswot_distill_distances_stay_float32_under_bf16_autocast():
     s, t, y, f_s, f_t = (v.float() if v.is_floating_point() else v for v in loss_inputs())
     obj = DisWOTDistill()
-    plain = obj(s, t, y, None, s_feats=[f_s], t_feats=[f_t])
+    plain = obj(s, t, y, None, s_feats=reads(f_s), t_feats=reads(f_t))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = obj(s, t, y, None, s_feats=[f_s], t_feats=[f_t])
+        auto = obj(s, t, y, None, s_feats=reads(f_s), t_feats=reads(f_t))
     for k in ("d_sem", "d_rel", "loss"):
         assert auto[k].dtype == torch.float32
         assert float(auto[k]) == pytest.approx(float(plain[k]), rel=1e-6)
@@ -374,7 +403,7 @@ def test_diswot_distill_gradients_reach_only_the_student():
     s, t, y, f_s, f_t = loss_inputs()
     for v in (s, t, f_s, f_t):
         v.requires_grad_(True)
-    out = DisWOTDistill()(s, t, y, None, s_feats=[f_s], t_feats=[f_t])
+    out = DisWOTDistill()(s, t, y, None, s_feats=reads(f_s), t_feats=reads(f_t))
     out["loss"].backward()
     assert t.grad is None and f_t.grad is None
     assert s.grad is not None and f_s.grad is not None and float(f_s.grad.abs().sum()) > 0
@@ -382,7 +411,7 @@ def test_diswot_distill_gradients_reach_only_the_student():
     # the distance terms alone also send a gradient into the student's logits (via G_s)
     s.grad = None
     sem_only = DisWOTDistill(ce_weight=0, kd_weight=0, relation_weight=0)
-    sem_only(s, t, y, None, s_feats=[f_s], t_feats=[f_t])["loss"].backward()
+    sem_only(s, t, y, None, s_feats=reads(f_s), t_feats=reads(f_t))["loss"].backward()
     assert float(s.grad.abs().sum()) > 0
 
 
@@ -394,7 +423,7 @@ def test_diswot_distill_options_and_width_check():
         DisWOTDistill(temperature=0)
     obj = build_objective(make_cfg(["loss=diswot"]).loss)
     assert (obj.temperature, obj.ce_weight, obj.kd_weight) == (4.0, 0.1, 0.9)
-    assert obj.stages == [-1] and isinstance(obj, StepObjective)
+    assert obj.reads == "prepool" and isinstance(obj, StepObjective)
     cfg = make_cfg(DIGITS + ["teacher=cnn", "student=mlp", "loss=diswot"])
     data = build_data(cfg.dataset)
     teacher = build_model(cfg.teacher, "teacher", data).eval()
@@ -406,7 +435,8 @@ def test_diswot_distill_options_and_width_check():
     assert err.value.key == "loss.semantic_weight"
     no_sem = DisWOTDistill(semantic_weight=0)
     no_sem.bind(small, teacher, data)          # relation only: any widths
-    assert no_sem.pairs == [(0, 2)]
+    # it taps the pooled maps (mlp: its last hidden layer) and the classifiers' inputs
+    assert [f.paths for f in no_sem._feats] == [["hidden.0"], ["stage3"]]
     build_objective(cfg.loss).bind(student, teacher, data)   # mlp 256/128 vs cnn: 128 == 128
     assert list(no_sem.state_dict()) == [] and list(no_sem.parameters()) == []
 

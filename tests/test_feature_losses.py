@@ -623,3 +623,23 @@ def test_stage_pairs_by_relative_depth_and_out_of_range_is_a_user_error():
     with pytest.raises(UserError) as info:
         stage_pairs(3, 3, [3])
     assert info.value.key == "loss.stages"
+
+
+def test_penultimate_readers_take_1d_signal_models_that_stage_readers_refuse():
+    """RKD / CRD read the classifier's input `[B, C]`, so a 1-D conv net (stages `[B, C, L]`)
+    works with them; AT, which reads the stages, still refuses it (they would read as tokens)."""
+    from distill_cli.data.fake import build as fake_data
+    from distill_cli.losses.base import StepContext
+    from distill_cli.models import create
+    data = fake_data(shape=[1, 40], num_classes=4, train_size=24, test_size=4)
+    torch.manual_seed(0)
+    teacher = create("cnn1d", 4, 1, (40,)).eval().requires_grad_(False)
+    student = create("cnn1d", 4, 1, (40,)).train()
+    batch = next(iter(data.train.train_batches(6, 0, 1)))
+    for obj in (RKD(), CRD(feat_dim=8)):
+        obj.bind(student, teacher, data)
+        terms = obj.step_terms(student, teacher, batch, StepContext(1, 0, 1, 1))
+        assert torch.isfinite(terms["loss"])
+    with pytest.raises(UserError) as info:
+        AT().bind(student, teacher, data)
+    assert info.value.key == "student" and "1-D" in info.value.what

@@ -139,6 +139,145 @@ def test_wrn_last_stage_is_the_raw_block3_output_not_the_pooled_bn_relu():
     assert prepool_path(model) == "relu"            # and the map it is pooled from is named
 
 
+
+# ------------------------------------------------------------------------ penultimate features
+# What enters each model's classifier and which map is pooled into it, named by hand from the
+# model code (RepDistiller feat[-1] / the input of `avg_pool`), not through models.taps.
+FC = {"wrn_16_2": "fc", "mobilenetv2": "fc", "shufflenetv2": "linear", "resnet8": "fc"}
+POOLED_MAP = {"wrn_16_2": "relu", "mobilenetv2": "conv2", "shufflenetv2": "relu2",
+              "resnet8": "layer3"}
+
+
+class Spy:
+    """Own hooks on one model: the classifier's input and output, and the pooled map."""
+
+    def __init__(self, model, arch):
+        self.seen = {}
+        fc, pooled_map = model.get_submodule(FC[arch]), model.get_submodule(POOLED_MAP[arch])
+        self.hooks = [
+            fc.register_forward_pre_hook(lambda m, a: self.seen.__setitem__("h", a[0])),
+            fc.register_forward_hook(lambda m, a, o: self.seen.__setitem__("logits", o)),
+            pooled_map.register_forward_hook(lambda m, a, o: self.seen.__setitem__("map", o))]
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def cifar_like():
+    from distill_cli.data.fake import build as fake_data
+    data = fake_data(shape=[3, 32, 32], num_classes=10, train_size=40, test_size=8)
+    return data, next(iter(data.train.train_batches(8, 0, 1)))
+
+
+def pair(teacher_arch, student_arch):
+    torch.manual_seed(0)
+    teacher = create(teacher_arch, 10, 3, (32, 32)).eval().requires_grad_(False)
+    return teacher, create(student_arch, 10, 3, (32, 32)).train()
+
+
+CROSS = [("wrn_16_2", "mobilenetv2"), ("mobilenetv2", "shufflenetv2"),
+         ("shufflenetv2", "wrn_16_2"), ("resnet8", "wrn_16_2")]
+
+
+@pytest.mark.parametrize("teacher_arch,student_arch", CROSS)
+def test_rkd_and_crd_read_the_classifiers_input(cifar_like, teacher_arch, student_arch):
+    from distill_cli.losses.crd import CRD
+    from distill_cli.losses.rkd import RKD, normalised_distances, triplet_cosines
+    data, batch = cifar_like
+    teacher, student = pair(teacher_arch, student_arch)
+    ctx = StepContext(1, 0, 1, 1)
+    rkd = RKD()
+    rkd.bind(student, teacher, data)
+    spies = Spy(student, student_arch), Spy(teacher, teacher_arch)
+    terms = rkd.step_terms(student, teacher, batch, ctx)
+    h_s, h_t = (spy.seen["h"] for spy in spies)
+    assert h_s.shape == (8, student.feature_dim) and h_t.shape == (8, teacher.feature_dim)
+    h_s = h_s.detach()
+    want_dist = F.smooth_l1_loss(normalised_distances(h_s), normalised_distances(h_t))
+    want_angle = F.smooth_l1_loss(triplet_cosines(h_s), triplet_cosines(h_t))
+    assert float(terms["rkd_dist"]) == pytest.approx(float(want_dist), rel=1e-5)
+    assert float(terms["rkd_angle"]) == pytest.approx(float(want_angle), rel=1e-5)
+    # CRD's embeds take the same vectors (and are sized for them)
+    crd = CRD(feat_dim=16)
+    crd.bind(student, teacher, data)
+    assert (crd.embed_s.in_features, crd.embed_t.in_features) == (student.feature_dim,
+                                                                  teacher.feature_dim)
+    embedded = {}
+    crd.embed_s.register_forward_pre_hook(lambda m, a: embedded.__setitem__("s", a[0]))
+    crd.embed_t.register_forward_pre_hook(lambda m, a: embedded.__setitem__("t", a[0]))
+    crd.step_terms(student, teacher, batch, ctx)
+    torch.testing.assert_close(embedded["s"], spies[0].seen["h"], rtol=0, atol=0)
+    torch.testing.assert_close(embedded["t"], spies[1].seen["h"], rtol=0, atol=0)
+    for spy in spies:
+        spy.close()
+
+
+@pytest.mark.parametrize("teacher_arch,student_arch,semantic", [
+    *((t, s, 0.0) for t, s in CROSS),        # widths differ: the relation term alone
+    ("wrn_16_2", "wrn_16_2", 30.0), ("mobilenetv2", "mobilenetv2", 30.0),
+    ("shufflenetv2", "shufflenetv2", 30.0)])
+def test_diswot_distill_reads_the_pooled_map_and_the_classifiers_input(
+        cifar_like, teacher_arch, student_arch, semantic):
+    """D_sem from the FC gradient of the classifier's input, D_rel on the pooled map — the
+    mobilenetv2 / shufflenetv2 pairs were refused before (their last stage is not pooled)."""
+    from distill_cli.evaluation.diswot import relation_distance, semantic_distance
+    from distill_cli.losses.diswot import DisWOTDistill, fc_gradient
+    data, batch = cifar_like
+    teacher, student = pair(teacher_arch, student_arch)
+    obj = DisWOTDistill(semantic_weight=semantic)
+    obj.bind(student, teacher, data)
+    spies = Spy(student, student_arch), Spy(teacher, teacher_arch)
+    terms = obj.step_terms(student, teacher, batch, StepContext(1, 0, 1, 1))
+    s, t = ({k: v.detach() for k, v in spy.seen.items()} for spy in spies)
+    want_rel = relation_distance(t["map"], s["map"])
+    assert float(terms["d_rel"]) == pytest.approx(float(want_rel), rel=1e-5)
+    if semantic:
+        want_sem = semantic_distance(fc_gradient(t["logits"], t["h"], batch.y),
+                                     fc_gradient(s["logits"], s["h"], batch.y))
+        assert float(terms["d_sem"]) == pytest.approx(float(want_sem), rel=1e-4)
+    else:
+        assert "d_sem" not in terms
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"]) and all(
+        p.grad is not None for p in student.get_submodule(POOLED_MAP[student_arch]).parameters())
+    for spy in spies:
+        spy.close()
+
+
+def test_diswot_distill_semantic_term_still_refuses_different_classifier_widths(cifar_like):
+    data, _ = cifar_like
+    from distill_cli.losses.diswot import DisWOTDistill
+    teacher, student = pair("wrn_16_2", "mobilenetv2")   # 128 vs 1280 classifier inputs
+    with pytest.raises(UserError) as err:
+        DisWOTDistill().bind(student, teacher, data)
+    assert err.value.key == "loss.semantic_weight" and "1280" in err.value.what
+
+
+def test_feature_methods_train_on_pairs_whose_last_stage_is_not_pooled(tmp_path):
+    """Whole runs on digits: RKD / CRD from a wrn_16_2 teacher into mobilenetv2, DisWOT† with
+    both terms between two mobilenetv2 (refused before: blocks.6 is not the classifier's input)."""
+    import json
+    teacher_run = tmp_path / "teacher"
+    run(make_cfg(DIGITS + ["student=wrn_16_2", "loss=ce", "trainer.epochs=1"]), teacher_run,
+        tty=False)
+    mv2_run = tmp_path / "mv2"
+    run(make_cfg(DIGITS + ["student=mobilenetv2", "loss=ce", "trainer.epochs=1"]), mv2_run,
+        tty=False)
+    jobs = [("rkd", "wrn_16_2", teacher_run, "train/rkd_dist"),
+            ("crd", "wrn_16_2", teacher_run, "train/crd"),
+            ("diswot", "mobilenetv2", mv2_run, "train/d_sem")]
+    for loss, arch, trun, term in jobs:
+        out = tmp_path / loss
+        summary = run(make_cfg(DIGITS + [f"teacher={arch}", "student=mobilenetv2", f"loss={loss}",
+                                         f"teacher.checkpoint={trun}/checkpoints/best.pt",
+                                         "trainer.epochs=1"]), out, tty=False)
+        assert summary["status"] == "finished", loss
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any(term in r and np.isfinite(r[term]) for r in rows), (loss, term)
+
+
 # ------------------------------------------------------------------------ MIX-KD
 def test_loss_mixkd_brings_the_authors_partial_mixup():
     cfg = make_cfg(["loss=mixkd"])
@@ -159,6 +298,14 @@ def test_loss_mixkd_brings_the_authors_partial_mixup():
                  .mean()) == pytest.approx(int(256 * 0.9) / 256)
     assert make_cfg(["loss=kd"]).augment.mix.partial is None
 
+
+
+@pytest.mark.parametrize("value", ["true", "{keep_fraction: 0.9}", "{alpha: 1.0}"])
+def test_a_partial_node_defaults_to_the_authors_draw_with_replacement(value):
+    """What config.yaml's comment on augment.mix.partial says: any partial node (or `true`) is
+    the authors' PMU unless it says otherwise — keep 0.9, drawn WITH replacement."""
+    spec = MixSpec.from_config(make_cfg([f"augment.mix.partial={value}"]).augment.mix)
+    assert (spec.partial.keep_fraction, spec.partial.with_replacement) == (0.9, True)
 
 @pytest.mark.parametrize("override", ["augment.mix.partial=null", "augment.mix.prob=0"])
 def test_mixkd_without_partial_mixup_is_refused(override):

@@ -10,8 +10,11 @@ Both networks are scored at RANDOM INIT on ONE batch `(x, y)`:
   L2-normalised (`F.normalize(·, dim=-1)`, eps 1e-12), and
   `D_sem = mean over (k, i, j) of (M_t[k,i,j] − M_s[k,i,j])²`  (K·C·C elements).
   Needs equal penultimate widths C (`semantic_width_ok`).
-* relation distance D_rel: pre-pool features `f` (the last zoo stage's output) flattened per
-  sample `[B, D]`, Gram matrix `f fᵀ` `[B, B]` row-L2-normalised, `D_rel = ‖A_t − A_s‖² / B²`.
+* relation distance D_rel: pre-pool features `f` — the map that is globally pooled into the
+  classifier's input (`models.taps.prepool_path`: the last zoo stage, or WRN's final bn-relu,
+  MobileNetV2's / ShuffleNetV2's 1x1 conv block, which their RepDistiller stages stop before) —
+  flattened per sample `[B, D]`, Gram matrix `f fᵀ` `[B, B]` row-L2-normalised,
+  `D_rel = ‖A_t − A_s‖² / B²`.
 * `score = −(D_sem + D_rel)`, each term switchable; higher = more similar = better student.
 
 What the official code (lilujunai/DisWOT-CVPR2023, searcher/rand_search_nb201.py and
@@ -22,7 +25,12 @@ evo_search_nb201.py) does, and where we differ:
   `K·C·C`. METHODS.md says "mean squared difference", so we take the mean; within one search C is
   fixed (it must equal the teacher's), so the ranking by D_sem alone is the same, only its weight
   against D_rel is C times smaller than the official sum.
-* Its relation term is SP (Tung & Mori) on the pre-pool features: the same formula as here.
+* Its relation term is SP (Tung & Mori) on the pre-pool features: the same formula as here,
+  on the same map: `criterion_sp(tfeature[-2], sfeature[-2])`, where `feature[-2]` of its
+  ResNet-56 teacher is layer3's output and of its NB201 students `lastact`'s output — in both
+  the map that enters global average pooling. (RepDistiller's own SP also reads `feat[-2]`, which
+  for WRN / MobileNetV2 / ShuffleNetV2 is the raw last stage before the bn-relu / 1x1 conv; DisWOT
+  never scores those families, so we follow its definition, the pooled map.)
   (In the released search scripts that line is commented out and only the semantic term
   ranks; evo_search_nb201.py uses `fc.weight.grad`, rand_search_nb201.py `fc.weight` itself —
   we follow METHODS.md and the paper: both terms, the gradient.)
@@ -33,7 +41,7 @@ evo_search_nb201.py) does, and where we differ:
   of ours for comparison (benchmarks/diswot_rank.py reports both).
 * With different widths the official ICKD call would silently `view` one gradient into the
   other's shape; we never compare mismatched widths (`semantic_width_ok`; the search drops D_sem
-  for every candidate, or errors, see distill_cli/search.py).
+  for every candidate, or errors, see distill_cli/search/student_search.py).
 * Randomly initialised networks run with BatchNorm in train mode (batch statistics: running
   statistics mean nothing at init), as in the official code; dropout is switched off so the score
   is deterministic. A trained teacher (`reinit_teacher=False`) runs in eval mode, as in KD.
@@ -51,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill_cli.seeding import derive_seed
-from distill_cli.models.taps import FeatureTaps
+from distill_cli.models.taps import FeatureTaps, prepool_path
 
 EPS = 1e-12  # F.normalize's eps: a zero row stays zero
 
@@ -119,14 +127,15 @@ def semantic_width_ok(teacher: nn.Module, student: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------ the two inputs
 def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G, f) of a `scoring_copy`: the mean-CE gradient of the final FC weight `[K, C]` and the
-    last stage's output (pre-pool features) on batch `(x, y)`."""
-    last = model.stages[-1]
+    """(G, f) of a `scoring_copy`: the mean-CE gradient of the final FC weight `[K, C]` (by
+    autograd: it depends on the classifier's input, whatever the stages are) and the pre-pool
+    map (`prepool_path`) on batch `(x, y)`."""
+    path = prepool_path(model)
     weight = head(model).weight
     x = x.to(device=weight.device, dtype=weight.dtype)
-    with FeatureTaps(model, [last]) as taps:
+    with FeatureTaps(model, [path]) as taps:
         logits = model(x)
-        feat = taps[last]
+        feat = taps[path]
     loss = F.cross_entropy(logits, y.to(weight.device))
     (grad,) = torch.autograd.grad(loss, weight)
     return grad.detach(), feat.detach()

@@ -33,7 +33,9 @@ def nce_loss(p: torch.Tensor, n_data: int) -> torch.Tensor:
 class CRD(FeatureObjective):
     """CRD: `ce_weight·CE(s, y) + kd_weight·T²·KL(p_t^T ‖ p_s^T) + crd_weight·(L_s + L_t)`.
 
-    On `pooled` last-stage features (RepDistiller `feat[-1]`): linear embeds `v_s = norm(W_s f_s)`,
+    On the penultimate features `f`: each model's classifier input `[B, feature_dim]`
+    (`reads = "penultimate"`, RepDistiller's `feat[-1]`; a direct call with maps `pooled`s
+    them). Linear embeds `v_s = norm(W_s f_s)`,
     `v_t = norm(W_t f_t)` into `feat_dim` (L2-normalised; trainable heads, saved under
     `objective`, dropped from the exported student). Two memory banks over the WHOLE training
     split (buffers `[N_train, feat_dim]`): `memory_s` holds student embeddings, `memory_t` teacher
@@ -69,11 +71,12 @@ class CRD(FeatureObjective):
 
     batch_coupling = "its memory banks and negatives are updated from the whole batch"
     needs_teacher = True
+    reads = "penultimate"
 
     def __init__(self, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
                  nce_m: float = 0.5, negatives: str = "other_class", crd_weight: float = 0.8,
                  ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0):
-        super().__init__(stages=[-1])
+        super().__init__()
         checks = [(int(feat_dim) >= 1, "feat_dim", "use e.g. 128"),
                   (int(nce_k) >= 1, "nce_k", "use e.g. 16384 (RepDistiller) or 4096"),
                   (float(nce_t) > 0, "nce_t", "use e.g. 0.07"),

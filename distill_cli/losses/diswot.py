@@ -1,7 +1,8 @@
 """DisWOT† — the DisWOT similarity distances as distillation losses (Dong, Li & Wei, CVPR 2023,
 "DisWOT: Student Architecture Search for Distillation WithOut Training", §"DisWOT as
 distiller"; METHODS.md "DisWOT": "the same two distances can be added as training losses
-(DisWOT†, weights our choice)"). The search-time scores are distill_cli/diswot.py.
+(DisWOT†, weights our choice)"). The search-time scores are
+distill_cli/evaluation/diswot.py.
 """
 from __future__ import annotations
 
@@ -12,39 +13,47 @@ from distill_cli.evaluation.diswot import penultimate_width, relation_distance, 
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext
 from distill_cli.losses.ce import _as_float, check_logits
-from distill_cli.losses.features import FeatureObjective, pooled
+from distill_cli.losses.features import FeatureObjective
 from distill_cli.losses.kd import kd_kl
 
 
-def fc_gradient(logits: torch.Tensor, pooled_feat: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
-    """∂ mean-CE / ∂W of a final linear layer `logits = h Wᵀ + b`, in closed form:
-    `G = (softmax(z) − Y)ᵀ h / B` `[K, C]`; Y one-hot (or the given label distribution).
+def fc_gradient(logits: torch.Tensor, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """∂ mean-CE / ∂W of a final linear layer `logits = h Wᵀ + b` (`h` `[B, C]`: its input), in
+    closed form: `G = (softmax(z) − Y)ᵀ h / B` `[K, C]`; Y one-hot (or the given label
+    distribution).
     Differentiable in `logits` and `h` (the autograd gradient of CE would need a double
     backward; tests check the two agree)."""
     probs = F.softmax(logits, dim=1)
     y = (targets if targets.dim() == 2
          else F.one_hot(targets, logits.shape[1]).to(probs.dtype))
-    return (probs - y).t() @ pooled_feat / logits.shape[0]
+    return (probs - y).t() @ h / logits.shape[0]
 
 
 class DisWOTDistill(FeatureObjective):
-    """DisWOT†: KD plus DisWOT's semantic and relation distances on the LAST stage pair.
+    """DisWOT†: KD plus DisWOT's semantic and relation distances between student and teacher.
 
         loss = ce_weight·CE(s, y) + kd_weight·T²·KL(p_t^T ‖ p_s^T)
                + semantic_weight·D_sem(G_t, G_s) + relation_weight·D_rel(f_t, f_s)
 
+    It reads, per model (`reads = "prepool"`, losses/features.py), `[f, h]`: `f` the map that
+    is globally pooled (`taps.prepool_path`: the last stage, or WRN's final bn-relu /
+    MobileNetV2's and ShuffleNetV2's 1x1 conv block) and `h` the classifier's input
+    (`taps.ClassifierInput`, RepDistiller's `feat[-1]`) — the same two tensors the search's
+    scores read (distill_cli.evaluation.diswot.probe).
+
     * KD part exactly as `losses.kd.KD` (batchmean KL from log-probabilities, teacher detached):
       METHODS.md's DisWOT distillation setting T 4, CE 0.1, KD 0.9.
-    * D_sem (distill_cli.evaluation.diswot.semantic_distance): per-class row-normalised outer products of
-      the FC weight gradients `G = (softmax(z) − onehot(y))ᵀ h / B` (`fc_gradient`), with
-      `h = pooled(last stage)` — the zoo contract says the final linear layer reads exactly that
-      (with dropout > 0 we use the un-dropped features). The teacher side is the frozen
-      teacher's gradient on the same batch (no graph); the student side back-propagates
-      through its logits and features. Needs equal penultimate widths (checked in `bind`:
-      set `semantic_weight: 0` otherwise).
-    * D_rel (distill_cli.evaluation.diswot.relation_distance): row-normalised B×B Gram matrices of the
-      last-stage outputs flattened per sample, ‖A_t − A_s‖²/B² — the SP loss (Tung & Mori).
+    * D_sem (distill_cli.evaluation.diswot.semantic_distance): per-class row-normalised outer
+      products of the FC weight gradients `G = (softmax(z) − onehot(y))ᵀ h / B` (`fc_gradient`,
+      the exact mean-CE gradient of the classifier's weight, as the search takes it by
+      autograd; with dropout in front of the classifier, `h` is what the classifier received).
+      The teacher side is the frozen teacher's gradient on the same batch (no graph); the
+      student side back-propagates through its logits and `h`. Needs equal penultimate widths
+      (checked in `bind`: set `semantic_weight: 0` otherwise).
+    * D_rel (distill_cli.evaluation.diswot.relation_distance): row-normalised B×B Gram matrices of
+      `f` flattened per sample, ‖A_t − A_s‖²/B² — the SP loss (Tung & Mori) on the pre-pool
+      map, as DisWOT's code reads it (`feature[-2]` of its ResNet teacher and NB201 students is
+      the map entering global pooling).
     * Weights (OUR choice, the paper gives none for DisWOT†): relation_weight 3000 is
       RepDistiller's SP weight (`--beta 3000`) for this same formula; semantic_weight 30: for
       unrelated gradients D_sem ≈ 2/C (each normalised row is ±g/‖g‖, C rows per class, a mean
@@ -58,10 +67,11 @@ class DisWOTDistill(FeatureObjective):
 
     batch_coupling = "its relation term compares the samples of the batch with each other"
     needs_teacher = True
+    reads = "prepool"
 
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  semantic_weight: float = 30.0, relation_weight: float = 3000.0):
-        super().__init__(stages=[-1])
+        super().__init__()
         if not float(temperature) > 0:
             raise UserError(f"DisWOT† temperature must be > 0, got {temperature}",
                             key="loss.temperature", fix="use e.g. 4")
@@ -76,25 +86,18 @@ class DisWOTDistill(FeatureObjective):
         self.relation_weight = float(relation_weight)
 
     def build_heads(self, s_shapes, t_shapes, num_classes, student, teacher) -> None:
-        # no trainable heads; only check that D_sem is defined for this pair
+        # no trainable heads; only check that D_sem is defined for this pair (h is the FC's
+        # input by construction, so its width is the FC's in_features)
         if self.semantic_weight == 0:
             return
-        for name, model, shape in (("student", student, s_shapes[-1]),
-                                   ("teacher", teacher, t_shapes[-1])):
-            if pooled_width(shape) != penultimate_width(model):
-                raise UserError(
-                    f"DisWOT†'s semantic term needs the {name}'s final FC input, but pooling its "
-                    f"last stage output {list(shape)} does not give the FC's "
-                    f"{penultimate_width(model)} inputs", key="loss.semantic_weight",
-                    fix="Pass loss.semantic_weight=0 (relation term and KD only)")
         c_s, c_t = penultimate_width(student), penultimate_width(teacher)
         if c_s != c_t:
             raise UserError(
                 f"DisWOT†'s semantic term compares the final FC gradients [K x C], but the "
-                f"student's penultimate width is {c_s} and the teacher's {c_t}",
-                key="loss.semantic_weight",
+                f"student's penultimate width (its classifier's input) is {c_s} and the "
+                f"teacher's {c_t}", key="loss.semantic_weight",
                 fix=f"Pass loss.semantic_weight=0 (relation term and KD only), or pick a "
-                    f"student whose last stage has {c_t} channels")
+                    f"student whose classifier takes {c_t} features")
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor, ctx: StepContext | None = None, *, s_feats=None,
@@ -107,17 +110,22 @@ class DisWOTDistill(FeatureObjective):
         loss = self.ce_weight * ce + self.kd_weight * kd
         terms = {"ce": ce.detach(), "kd": kd.detach()}
         if s_feats is not None and t_feats is not None:
-            f_s, f_t = _as_float(s_feats[-1]), _as_float(t_feats[-1]).detach()
+            if len(s_feats) != 2 or len(t_feats) != 2:
+                raise ValueError("DisWOT† reads [pre-pool map, classifier input] of each model, "
+                                 f"got {len(s_feats)} and {len(t_feats)} features")
+            f_s, h_s = (_as_float(v) for v in s_feats)
+            f_t, h_t = (_as_float(v).detach() for v in t_feats)
             # Gram matrices and outer-product norms in float32 even under bf16 autocast
             with torch.autocast(device_type=f_s.device.type, enabled=False):
-                loss = loss + self._distances(s, t, targets, f_s, f_t, terms)
+                loss = loss + self._distances(s, t, targets, (f_s, h_s), (f_t, h_t), terms)
         return {"loss": loss, **terms}
 
-    def _distances(self, s, t, targets, f_s, f_t, terms: dict) -> torch.Tensor:
+    def _distances(self, s, t, targets, student, teacher, terms: dict) -> torch.Tensor:
+        (f_s, h_s), (f_t, h_t) = student, teacher
         loss = s.new_zeros(())
         if self.semantic_weight:
-            g_t = fc_gradient(t, pooled(f_t), targets)
-            g_s = fc_gradient(s, pooled(f_s), targets)
+            g_t = fc_gradient(t, h_t, targets)
+            g_s = fc_gradient(s, h_s, targets)
             d_sem = semantic_distance(g_t, g_s)
             loss = loss + self.semantic_weight * d_sem
             terms["d_sem"] = d_sem.detach()
@@ -132,7 +140,3 @@ class DisWOTDistill(FeatureObjective):
                 f"kd_weight={self.kd_weight}, semantic_weight={self.semantic_weight}, "
                 f"relation_weight={self.relation_weight}")
 
-
-def pooled_width(shape) -> int:
-    """Width of `pooled(feat)` for a per-sample feature shape: C of [C,H,W], D of [N,D] / [D]."""
-    return int(shape[-1] if len(shape) == 2 else shape[0])

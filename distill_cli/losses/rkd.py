@@ -1,6 +1,6 @@
 """Relational knowledge distillation (Park et al., CVPR 2019), as RepDistiller's
-`distiller_zoo/RKD.py` computes it: distance-wise and angle-wise terms on the pooled
-penultimate features."""
+`distiller_zoo/RKD.py` computes it: distance-wise and angle-wise terms on the penultimate
+features (RepDistiller `feat[-1]`: the classifier's input)."""
 from __future__ import annotations
 
 import torch
@@ -37,8 +37,10 @@ def triplet_cosines(e: torch.Tensor) -> torch.Tensor:
 
 
 class RKD(FeatureObjective):
-    """RKD: `ce_weight·CE + dist_weight·L_dist + angle_weight·L_angle` on `pooled` last-stage
-    features (the penultimate feature fed to the classifier; RepDistiller `feat[-1]`).
+    """RKD: `ce_weight·CE + dist_weight·L_dist + angle_weight·L_angle` on the penultimate
+    features: the classifier's input `[B, feature_dim]` of each model (`reads = "penultimate"`,
+    RepDistiller's `feat[-1]`; on WRN / MobileNetV2 / ShuffleNetV2 that is the pool of the final
+    bn-relu / 1x1 conv, not of the last stage). A direct call with maps or tokens `pooled`s them.
 
     L_dist  = smooth_l1(ψ_D(s), ψ_D(t)), ψ_D = pairwise Euclidean distances / their non-zero mean
     L_angle = smooth_l1(ψ_A(s), ψ_A(t)), ψ_A = cosines of all triplet angles (B³ values)
@@ -54,10 +56,11 @@ class RKD(FeatureObjective):
 
     batch_coupling = "it matches distances and angles between the samples of the batch"
     needs_teacher = True
+    reads = "penultimate"
 
     def __init__(self, dist_weight: float = 25.0, angle_weight: float = 50.0,
                  ce_weight: float = 1.0):
-        super().__init__(stages=[-1])
+        super().__init__()
         self.dist_weight, self.angle_weight = float(dist_weight), float(angle_weight)
         self.ce_weight = float(ce_weight)
 

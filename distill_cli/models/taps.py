@@ -76,13 +76,14 @@ def prepool_path(model: nn.Module) -> str:
     """The module whose output is the final feature map, the one globally pooled into the
     classifier's input: the model's `prepool` when it declares one (WRN's final bn-relu,
     MobileNetV2's / ShuffleNetV2's conv2 block, which RepDistiller's stages stop before), else
-    its last stage."""
+    its last stage. DisWOT's relation term (search score and DisWOT† loss) reads this map."""
     return getattr(model, "prepool", None) or model.stages[-1]
 
 
 class ClassifierInput:
     """The pooled penultimate feature `[B, feature_dim]`: the INPUT of `model.classifier`, read
-    by a forward pre-hook (RepDistiller's `feat[-1]`, what RKD/CRD take). It is not always the
+    by a forward pre-hook (RepDistiller's `feat[-1]`: what RKD, CRD and DisWOT†'s semantic term
+    read, losses/features.py `reads`). It is not always the
     pool of the last stage: RepDistiller's stages (`model.stages`) stop before WRN's final bn-relu
     and before MobileNetV2's / ShuffleNetV2's conv2, which feed the pool.
 

@@ -5,7 +5,8 @@
 1. validate `search.*` and build every candidate (a bad one is a UserError naming
    `search.candidates[i]`) before anything expensive;
 2. take ONE seeded training batch of `search.batch_size`;
-3. score every candidate against the teacher at random init (distill_cli/diswot.py): the teacher
+3. score every candidate against the teacher at random init (distill_cli/evaluation/diswot.py:
+   D_sem from the final FC's gradient, D_rel on the map that is pooled into it): the teacher
    is Gaussian re-initialised too (`search.teacher_weights: random`, the paper's protocol), or
    used with its trained weights from the usual teacher resolution (`trained`);
 4. rank by score (higher = more similar), print a table with params, MACs, D_sem, D_rel, score
@@ -227,7 +228,8 @@ def _semantic_switch(mode, t_width: int, widths: list[int], nodes) -> tuple[bool
         raise UserError(f"search.candidates[{i}] ({describe(nodes[i])}) has penultimate width "
                         f"{widths[i]} but the teacher has {t_width}: D_sem compares C x C "
                         "matrices", f"search.candidates[{i}]",
-                        f"Give it a last stage of {t_width} channels, or pass "
+                        f"Give it a classifier input (penultimate feature) of {t_width}, "
+                        "or pass "
                         "search.semantic=auto (drops D_sem when widths differ) / false")
     return False, (f"D_sem off: candidates {', '.join(f'[{i}]' for i in bad)} have a "
                    f"penultimate width other than the teacher's {t_width}; ranking by D_rel only")
