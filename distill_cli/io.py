@@ -1,8 +1,15 @@
-"""Files every floor writes and reads: atomic writes and JSON (summaries, store entries)."""
+"""Files every floor writes and reads: atomic writes and JSON (summaries, store entries).
+
+An atomic write goes through a temp file named after its writer,
+`.<name>~<machine>~<pid>~<random>.tmp`, so a writer killed mid-write (SIGKILL, power loss)
+leaves a temp file that `remove_stale_tmp` can tell apart from one a live process is writing.
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 
@@ -10,12 +17,27 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _machine() -> str:
+    """Where a pid means something: the host name and, on Linux, the pid namespace (two
+    containers may share a host name and a volume but not their pids)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    try:
+        return f"{host}-{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
+
+
+_MACHINE = _machine()
+_TMP = re.compile(r"^\.(?P<name>.+)~(?P<machine>[^~]+)~(?P<pid>\d+)~[^~]*\.tmp$")
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Write via a temp file in the same dir, fsync, then `os.replace`: readers never see a
     partial file and a crash leaves the previous version intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}~{_MACHINE}~{os.getpid()}~", suffix=".tmp",
+                               dir=path.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from other users
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -36,6 +58,39 @@ def atomic_write_bytes(path: Path, write) -> None:
 def write_json(path: Path, obj: dict) -> None:
     data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
     atomic_write_bytes(path, lambda fh: fh.write(data))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's live process
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: Path) -> list[Path]:
+    """Delete the temp files in `directory` that `atomic_write_bytes` writers left when they
+    died mid-write; returns them. Only a temp file of THIS machine whose writer's pid no longer
+    runs is stale: another machine's (a shared filesystem) or a live process's is left alone,
+    and so is a recycled pid's (kept, never wrongly deleted). Temp files named the older way
+    (`.<name>.<random>.tmp`, no writer recorded) are left alone too."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:   # absent or unreadable: nothing to clean
+        return removed
+    for name in names:
+        m = _TMP.match(name)
+        if m is None or m["machine"] != _MACHINE or _alive(int(m["pid"])):
+            continue
+        try:
+            (Path(directory) / name).unlink()
+            removed.append(Path(directory) / name)
+        except FileNotFoundError:   # another cleaner was first
+            pass
+    return removed
 
 
 def read_json(path: Path) -> dict | None:

@@ -18,7 +18,8 @@ def join(*parts: str) -> str:
 
 # --------------------------------------------------------------------------- run bookkeeping
 TASK = "task"  # the kind of distillation (`task=`): which report columns and metrics apply
-STATUS = "status"  # running | interrupted | failed | finished (a search: scored | trained)
+STATUS = "status"  # running | interrupted | failed | diverged | finished (a search: scored |
+# trained); diverged: the loss or weights became nan/inf (trainer.on_nonfinite=stop)
 WALL_S = "wall_s"  # wall-clock seconds of the run, summed over resumed launches
 EPOCHS = "epochs"  # number of epochs trained when the summary was written
 BEST_EPOCH = "best/epoch"  # epoch whose val metric selected best.pt
@@ -28,6 +29,10 @@ OVERRIDES = "overrides"  # the Hydra command-line overrides of the run, a list o
 ERROR = "error"  # "<ExceptionType>: <message>" of a failed run, at most 500 characters
 WANDB_ID = "wandb_id"  # W&B run id (None without W&B); checkpoints hold it to resume the run
 GENERATIONS = "generations"  # self-distillation: a record per generation (marks such a summary)
+FORKED_FROM = "forked_from"  # a fork (trainer.resume=<checkpoint>): {checkpoint, epoch, step,
+# trainer.epochs} of the checkpoint it continued; in its summary and in every checkpoint it writes
+NONFINITE_STEP = "nonfinite/step"  # the global step (1-based) whose loss/weights became nan/inf
+NONFINITE_SKIPPED = "nonfinite/skipped_steps"  # steps skipped by trainer.on_nonfinite=skip
 
 # --------------------------------------------------------------------------- what was trained
 # (also the names of config groups: these are the summary's copies, which distill-report groups by)
@@ -41,6 +46,7 @@ LOSS = "loss"  # the loss class name, e.g. "CrossEntropy", "KD"
 EPOCH = "epoch"  # the epoch a metrics.jsonl row ends (1-based)
 STEP = "step"  # optimizer steps taken (a row's, or the summary's at the end of training)
 LR = "lr"  # learning rate of the student's first parameter group
+TRAIN_SKIPPED_STEPS = "train/skipped_steps"  # an epoch's steps skipped (on_nonfinite=skip)
 
 # --------------------------------------------------------------------------- prefixes
 BEST_TEST = "best/test"  # + "/<metric>": test metrics of best.pt
@@ -61,6 +67,8 @@ LAST_TEST_PGD_ACC1 = "last/test/pgd_acc1"  # PGD robust test top-1 of the final 
 TEACHER_TEST_ACC1 = "teacher/test/acc1"  # test top-1 of the teacher, percent
 TRAIN_IMAGES_PER_S = "train/images_per_s"  # training throughput of the last epoch, images/s
 THREADS = "threads"  # CPU threads the run trained with (trainer.threads, training/threads.py)
+EVAL_VIEW = "eval/view"  # what val/test NLL and ECE are of: raw logits, or the objective's view
+                         # (MIX-KD: std_scaled, as its authors evaluate); accuracy is the same
 CHANNELS_LAST = "channels_last"  # whether the run's networks were NHWC (trainer.channels_last)
 WORLD_SIZE = "world_size"  # data-parallel processes (torchrun ranks); also in every checkpoint
 MALLOC_TUNED = "malloc_tuned"  # whether the allocator settings of `distill` were in force

@@ -113,9 +113,14 @@ def test_sweep_makes_one_run_dir_per_job(tmp_path):
 
 
 def test_sigterm_writes_last_and_resume_finishes(tmp_path):
+    """SIGTERM mid-run → exit 143 with a resumable last.pt; resuming with another
+    trainer.epochs is refused (it would end unlike a clean run of that length), resuming as
+    started finishes, and a shorter fork from last.pt finishes too."""
+    import torch
+
     run_dir = tmp_path / "long"
     args = ["dataset=fake", "dataset.train_size=20000", "dataset.shape=[1,16,16]",
-            "logger=none", "student=mlp", "loss=ce", "trainer.epochs=50",
+            "logger=none", "student=mlp", "loss=ce", "trainer.epochs=4",
             "trainer.batch_size=32", "trainer.log_every_n_steps=10", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "DISTILL_OUTPUTS": str(tmp_path / "o"), "WANDB_MODE": "disabled",
            "OMP_NUM_THREADS": "1"}
@@ -128,16 +133,19 @@ def test_sigterm_writes_last_and_resume_finishes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-2000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "interrupted"
-    import torch
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]
-    assert state["step"] > 0
-    assert "trainer.resume=auto" in out
-    # continue it, shortened so the test stays quick: epochs may change on resume
-    resume = [a for a in args if not a.startswith("trainer.epochs")] + [
-        f"trainer.epochs={state['epoch'] + 1}", "trainer.resume=auto"]
-    distill(*resume, tmp_path=tmp_path, check_rc=0)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    last = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)["state"]
+    assert state["step"] > 0 and "trainer.resume=auto" in out
+    shorter = [a for a in args if not a.startswith("trainer.epochs")] + [
+        f"trainer.epochs={state['epoch'] + 1}"]
+    refused = distill(*shorter, "trainer.resume=auto", tmp_path=tmp_path, check_rc=2)
+    assert "trainer.epochs: 4 →" in " ".join(refused.stderr.split())
+    fork = [a for a in shorter if not a.startswith("hydra.run.dir")] + [
+        f"trainer.resume={last}", f"hydra.run.dir={tmp_path / 'fork'}"]
+    distill(*fork, tmp_path=tmp_path, check_rc=0)
+    assert json.loads((tmp_path / "fork" / "summary.json").read_text())["status"] == "finished"
+    distill(*args, "trainer.resume=auto", tmp_path=tmp_path, check_rc=0)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
 
 

@@ -506,3 +506,28 @@ def test_mtard_recipe_keys_its_robust_teacher_on_the_attack_mode():
     robust teacher stored before the default changed (eval-mode attack) from being reused."""
     robust = make_cfg(["recipe=fmnist_mtard"]).teachers[1]
     assert robust.train.loss.attack_bn == "train"
+
+
+def test_mixkd_reports_nll_and_ece_of_the_authors_std_scaled_outputs(tmp_path, digits_teacher):
+    """The authors validate on `output / std(output)`: the run's test NLL/ECE are of those
+    outputs (summary `eval/view: std_scaled`), accuracy is that of the raw logits; a KD run
+    reports raw logits."""
+    from distill_cli.tasks.classification.evaluate import predict, score
+    from distill_cli.training.run import run
+
+    overrides = DIGITS + ["student=mlp", "teacher=resnet8", f"teacher.checkpoint={digits_teacher}",
+                          "trainer.epochs=1"]
+    summary = run(make_cfg(overrides + ["loss=mixkd"]), tmp_path / "mix", tty=False)
+    assert summary["eval/view"] == "std_scaled"
+    cfg = make_cfg(overrides + ["loss=mixkd"])
+    data = build_data(cfg.dataset)
+    model = build_model(cfg.student, "student", data)
+    model.load_state_dict(torch.load(tmp_path / "mix" / "checkpoints" / "best.pt",
+                                     weights_only=True)["model"])
+    logits, targets = predict(model, data.test, 256, torch.device("cpu"), "32")
+    raw, scaled = score(logits, targets), score(MixKD.eval_logits(logits), targets)
+    assert summary["best/test/ece"] == pytest.approx(scaled["ece"], abs=1e-6)
+    assert summary["best/test/acc1"] == pytest.approx(raw["acc1"], abs=1e-6)
+    assert abs(raw["ece"] - scaled["ece"]) > 1e-3     # the two views differ
+    kd = run(make_cfg(overrides + ["loss=kd"]), tmp_path / "kd", tty=False)
+    assert kd["eval/view"] == "raw"

@@ -198,3 +198,29 @@ def test_a_checkpoint_from_before_the_task_seam_resumes_exactly(tmp_path, digits
     run(make_cfg(base + ["trainer.resume=auto"]), parted, tty=False)
     a, b = _final_weights(full), _final_weights(parted)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_wandb_run_logs_its_student_as_a_model_artifact(tmp_path, monkeypatch):
+    """The run's best.pt and last.pt go to W&B as a `model` artifact with aliases best and
+    latest (offline: read back from the run's transaction log)."""
+    from pathlib import Path
+
+    import wandb
+
+    from test_config import wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    run_dir = tmp_path / "wb"
+    summary = run(make_cfg([o for o in DIGITS if o != "logger=none"]
+                           + ["logger=wandb", "student=mlp", "loss=ce", "trainer.epochs=1"]),
+                  run_dir, tty=False)
+    wandb.teardown()
+    (file,) = (run_dir / "wandb").glob("offline-run-*/*.wandb")
+    arts = [r.artifact for r in wandb_records(file) if r.WhichOneof("record_type") == "artifact"]
+    assert [(a.type, a.name) for a in arts] == [("model", f"student-{summary['wandb_id']}")] * 2
+    assert "best" in arts[0].aliases and "latest" in arts[1].aliases
+    for art, name in zip(arts, ("best.pt", "last.pt")):
+        (entry,) = art.manifest.contents
+        assert Path(entry.local_path).read_bytes() == (run_dir / "checkpoints" / name).read_bytes()
+    assert json.loads(arts[0].metadata)["best/test/acc1"] == summary["best/test/acc1"]

@@ -2,6 +2,7 @@
 objective and every option that can be refused, and the device."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,17 +16,48 @@ from distill_cli.evaluation.adversarial import pgd_settings
 from distill_cli.losses.base import Objective
 from distill_cli.tasks.base import Task
 from distill_cli.training.distributed import SINGLE, World
+from distill_cli.training.settings import check_numbers
 from distill_cli.teachers.resolve import check_teachers
+
+
+def nonfinite_numbers(node, prefix: str = "") -> list[tuple[str, float]]:
+    """(key, value) of every nan/inf float under `node` (a plain container), keys as a user
+    types them (`teachers[1].seed`)."""
+    if isinstance(node, dict):
+        items = [(f"{prefix}{k}", v) for k, v in node.items()]
+    elif isinstance(node, (list, tuple)):
+        items = [(f"{prefix[:-1]}[{i}]", v) for i, v in enumerate(node)]
+    elif isinstance(node, float) and not math.isfinite(node):
+        return [(prefix[:-1], node)]
+    else:
+        return []
+    return [bad for key, value in items for bad in nonfinite_numbers(value, key + ".")]
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """No nan/inf anywhere in the composed config: a learning rate, loss weight, temperature
+    or trainer number that is not finite trains NaN weights and still "finishes". A generic
+    walk rather than a list of keys, so a new option is covered the day it is added."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:   # an interpolation that does not resolve: reported where it is used
+        plain = OmegaConf.to_container(cfg, resolve=False)
+    bad = nonfinite_numbers(plain)
+    if bad:
+        key, value = bad[0]
+        others = f" (also: {', '.join(k for k, _ in bad[1:])})" if len(bad) > 1 else ""
+        raise UserError(f"`{key}` is {value}: every number in a run's config must be finite"
+                        + others, key, f"Pass a finite value for {key}")
 
 
 def validate(cfg: DictConfig) -> None:
     """Cheap checks of values a user types, before anything expensive happens."""
-    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
-                "optimizer.lr"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"`{key}` must be a positive number, got {value!r}", key,
-                            f"Pass e.g. {key}=" + ("0.05" if key == "optimizer.lr" else "10"))
+    check_finite(cfg)
+    check_numbers(cfg)
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise UserError(f"`optimizer.lr` must be a positive number, got {lr!r}", "optimizer.lr",
+                        "Pass e.g. optimizer.lr=0.05")
     if str(cfg.trainer.precision) not in ("32", "bf16", "fp16"):
         raise UserError(f"trainer.precision={cfg.trainer.precision} is not supported",
                         "trainer.precision", "Use 32, bf16 or fp16 (with loss scaling)")

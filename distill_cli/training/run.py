@@ -2,10 +2,17 @@
 
 The composed config is read here, at the top; the floors below receive objects and typed
 settings: the task, the objective, the teacher topology, `TrainerSettings`.
+
+A run holds its run dir's lock (runs/directory.py) from before it decides whether it may write
+there until its last write, so two launches into one dir never both run. How a run ends:
+finished (exit 0), interrupted (`RunInterrupted`: 3, or 128 + the signal), diverged
+(`RunDiverged`: 4, trainer.on_nonfinite), refused (`UserError`: 2), crashed (1, status failed).
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,12 +29,12 @@ from distill_cli.data import unlabeled
 from distill_cli.errors import UserError
 from distill_cli.evaluation.adversarial import pixel_stats, robust_accuracy
 from distill_cli.evaluation.privacy import membership_auc
-from distill_cli.io import read_json, write_json
+from distill_cli.io import atomic_write_bytes, read_json, remove_stale_tmp, write_json
 from distill_cli.reporting.tracking import ConsoleReporter, MetricsFile, NullLogger, SilentReporter
 from distill_cli.runs import checkpoint
 from distill_cli.runs.directory import (RunFinished, check_run_dir, check_same_run,
-                                        resolve_resume)
-from distill_cli.training.engine import Engine, RunSinks
+                                        resolve_resume, run_dir_lock)
+from distill_cli.training.engine import Diverged, Engine, RunSinks
 from distill_cli.training.distributed import World, init_world
 from distill_cli.training.plan import checked_plan, pick_device, validate
 from distill_cli.training.settings import TrainerSettings
@@ -43,6 +50,24 @@ class RunInterrupted(Exception):
     def __init__(self, exit_code: int, run_dir: Path):
         self.exit_code, self.run_dir = exit_code, run_dir
         super().__init__(f"interrupted; resume with hydra.run.dir={run_dir} trainer.resume=auto")
+
+
+class RunDiverged(UserError):
+    """The loss or the weights became non-finite (trainer.on_nonfinite): the run stopped with
+    status `diverged`; one paragraph, exit code 4 — it ran, unlike a refused launch (2)."""
+
+    exit_code = 4
+
+    def __init__(self, diverged: Diverged, run_dir: Path, policy: str):
+        self.step, self.epoch = diverged.step, diverged.epoch
+        continue_it = f"hydra.run.dir={run_dir} trainer.resume=auto"
+        fix = ("Start a new run with a smaller optimizer.lr (or with trainer.grad_clip)"
+               + ("" if policy == "skip" else ", or continue this one from its last checkpoint "
+                  f"skipping such steps: {continue_it} trainer.on_nonfinite=skip"))
+        super().__init__(f"Training diverged: {diverged.what} at step {diverged.step} (epoch "
+                         f"{diverged.epoch}). The run stopped: {run_dir / 'summary.json'} says "
+                         "status diverged, and no checkpoint was written from that step on",
+                         "optimizer.lr", fix)
 
 
 def _hydra_context() -> tuple[list[str], str | None]:
@@ -64,15 +89,29 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     validate(cfg)
     threads = apply_thread_budget(cfg.trainer.get("threads", "auto"))
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    with run_dir_lock(run_dir, hold=world.is_main):   # rank 0 writes the dir: it holds it
+        return _run_in(cfg, run_dir, tty, data, resume_hint, world, started, threads)
+
+
+def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World,
+            started: float, threads: int) -> dict:
+    """`run` once this launch holds `run_dir`."""
     continuing = claim_run_dir(run_dir, cfg.trainer.resume, world)
     if isinstance(continuing, dict):   # trainer.resume=if_any on a finished run: its summary
         if world.is_main:
             ConsoleReporter(0, tty=tty).stage(f"{run_dir} already finished (trainer.resume=if_any)")
         return continuing
+    # resume=auto|if_any found a run that stopped before its first checkpoint: it starts over
+    restarting = not continuing and cfg.trainer.resume is not None and (
+        run_dir / "summary.json").exists()
+    if world.is_main:   # what writers killed mid-write left (the lock says none is alive here)
+        for folder in (run_dir, run_dir / "checkpoints"):
+            remove_stale_tmp(folder)
     resume_path = resolve_resume(run_dir, cfg.trainer.resume)
     resumed = checkpoint.load(resume_path, "trainer.resume") if resume_path else None
+    fork = resumed is not None and cfg.trainer.resume not in ("auto", "if_any")
     if resumed is not None:
-        check_same_run(cfg, resumed)
+        check_same_run(cfg, resumed, fork=fork)
         check_same_world(resumed, world)
     overrides, group = _hydra_context()
     plan = checked_plan(cfg, world)
@@ -112,7 +151,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         steps_per_epoch, settings.epochs)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    previous = (read_json(run_dir / "summary.json") or {}) if continuing else {}
+    previous = read_json(run_dir / "summary.json") if continuing else {}
+    previous = previous if isinstance(previous, dict) else {}
     logger = build_logger(cfg.logger, run_dir=run_dir, config=resolved,
                           name=str(run_dir), group=group,
                           run_id=resumed.get(keys.WANDB_ID) if continuing and resumed else None
@@ -125,8 +165,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
                keys.LOSS: cfg.loss._target_.rsplit(".", 1)[-1],
                keys.WANDB_ID: logger.run_id, **teacher_info, keys.THREADS: threads,
                keys.CHANNELS_LAST: settings.channels_last, keys.WORLD_SIZE: world.size,
+               keys.EVAL_VIEW: getattr(objective, "eval_view", "raw"),
                # whether the allocator settings of `distill` (cli.MALLOC_TUNING) are in force
                keys.MALLOC_TUNED: "MALLOC_MMAP_THRESHOLD_" in os.environ}
+    forked_from = fork_record(resume_path, resumed) if fork else (
+        resumed.get(keys.FORKED_FROM) if resumed is not None else None)
+    if forked_from:   # a fork says so in its summary and in every checkpoint it writes
+        summary[keys.FORKED_FROM] = forked_from
     write(run_dir / "summary.json", summary)
     reporter = console(steps_per_epoch * settings.epochs)
     meta = {"config": resolved, "overrides": overrides,
@@ -134,7 +179,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             "data": {"name": data.name, "num_classes": data.num_classes,
                      "input_shape": list(data.input_shape)},
             "git": summary[keys.GIT], "code_version": __version__,
-            keys.WORLD_SIZE: world.size}
+            keys.WORLD_SIZE: world.size, **({keys.FORKED_FROM: forked_from} if forked_from else {})}
     topology = choose_topology(cfg, task=task, objective=objective, teacher=teacher, pool=pool,
                                teacher_info=teacher_info, data=data, device=device,
                                reporter=reporter, mix=plan.mix, steps_per_epoch=steps_per_epoch,
@@ -151,10 +196,18 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
     try:
         if resumed is not None:
             engine.restore(resumed)
-            if world.is_main:
+            if fork:
+                start_fork_best(engine, resume_path, run_dir, world)
+            if world.is_main and not fork:
                 metrics.truncate_after(engine.state.epoch)
+                restore_epoch_row(metrics, engine.state.epoch, engine.state.epoch_row)
             reporter.stage(f"resumed from {resume_path} at epoch {engine.state.epoch + 1}, "
                            f"step {engine.state.step}")
+        elif world.is_main and metrics.path.exists():   # a run started over: no epoch kept
+            metrics.truncate_after(0)
+        if restarting:
+            reporter.stage(f"{run_dir} stopped before its first checkpoint: starting it over "
+                           "from step 0")
 
         def on_epoch_end(row: dict) -> None:
             if world.is_main:
@@ -162,12 +215,15 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
             logger.log(row, engine.state.step)
             reporter.epoch_end(row)
 
-        status = engine.fit(on_epoch_end)
-        wall = previous.get(keys.WALL_S, 0.0) + time.time() - started
-        summary.update({keys.EPOCHS: engine.state.epoch, keys.STEP: engine.state.step,
-                        keys.BEST_EPOCH: engine.state.best_epoch,
-                        keys.join(keys.BEST_VAL, task.selection_metric): engine.state.best_score,
-                        keys.TRAIN_IMAGES_PER_S: engine.state.images_per_s, keys.WALL_S: wall})
+        try:
+            status = engine.fit(on_epoch_end)
+        except Diverged as diverged:
+            exit_code = RunDiverged.exit_code
+            summary.update(trained_so_far(engine, task, previous, started))
+            summary.update({keys.STATUS: "diverged", keys.NONFINITE_STEP: diverged.step})
+            write(run_dir / "summary.json", summary)
+            raise RunDiverged(diverged, run_dir, settings.on_nonfinite) from None
+        summary.update(trained_so_far(engine, task, previous, started))
         if status == "interrupted":
             summary[keys.STATUS] = "interrupted"
             write(run_dir / "summary.json", summary)
@@ -183,10 +239,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         summary[keys.WALL_S] = previous.get(keys.WALL_S, 0.0) + time.time() - started
         write(run_dir / "summary.json", summary)
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        logger.log_model({"best": run_dir / "checkpoints" / "best.pt",
+                          "latest": run_dir / "checkpoints" / "last.pt"}, summary)
         reporter.summary_table(summary, title=str(run_dir))
         exit_code = 0
         return summary
-    except RunInterrupted:
+    except (RunInterrupted, RunDiverged):
         raise
     except BaseException as exc:
         summary.update({keys.STATUS: "failed", keys.ERROR: f"{type(exc).__name__}: {exc}"[:500]})
@@ -194,6 +252,49 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, tty: bool | None = N
         raise
     finally:
         logger.finish(exit_code)
+
+
+def trained_so_far(engine: Engine, task, previous: dict, started: float) -> dict:
+    """The summary's record of the training done: position, best, speed, skipped steps and
+    wall-clock time summed over the launches of the run."""
+    s = engine.state
+    return {keys.EPOCHS: s.epoch, keys.STEP: s.step, keys.BEST_EPOCH: s.best_epoch,
+            keys.join(keys.BEST_VAL, task.selection_metric): s.best_score,
+            keys.TRAIN_IMAGES_PER_S: s.images_per_s, keys.NONFINITE_SKIPPED: s.skipped_steps,
+            keys.WALL_S: previous.get(keys.WALL_S, 0.0) + time.time() - started}
+
+
+def fork_record(path: Path, ckpt: dict) -> dict:
+    """What a fork continued: the checkpoint, its position and the length it was trained for
+    (a fork may change trainer.epochs; its schedules were computed for that length so far)."""
+    state = ckpt.get("state", {})
+    return {"checkpoint": str(path), "epoch": state.get("epoch"), "step": state.get("step"),
+            "trainer.epochs": (ckpt.get("config", {}).get("trainer") or {}).get("epochs")}
+
+
+def start_fork_best(engine: Engine, source: Path, run_dir: Path, world: World) -> None:
+    """A fork continues its source's best-so-far (the restored state says which epoch): its
+    best.pt starts as the source's, copied into the fork's dir, so a fork whose epochs never
+    beat it (or that trains none) still has the best.pt its final evaluation reads. A source
+    without one (a lone last.pt): best-so-far starts over with the fork's first epoch."""
+    best = source if source.name == "best.pt" else source.parent / "best.pt"
+    if not best.is_file():
+        engine.state.best_score, engine.state.best_epoch = -1.0, 0
+    elif world.is_main:
+        with open(best, "rb") as src:
+            atomic_write_bytes(run_dir / "checkpoints" / "best.pt",
+                               lambda fh: shutil.copyfileobj(src, fh))
+
+
+def restore_epoch_row(metrics: MetricsFile, epoch: int, row: str) -> None:
+    """Append the checkpoint's line for `epoch` when metrics.jsonl lacks it: the run was
+    killed after writing last.pt at the end of that epoch and before appending its line."""
+    if not row or not epoch:
+        return
+    lines = metrics.path.read_text().splitlines() if metrics.path.exists() else []
+    if any(json.loads(ln).get(keys.EPOCH) == epoch for ln in lines if ln.strip()):
+        return
+    metrics.append(json.loads(row))
 
 
 def claim_run_dir(run_dir: Path, resume, world: World) -> bool | dict:

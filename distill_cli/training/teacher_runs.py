@@ -51,7 +51,14 @@ _TEACHER_KEYS = {"optimizer.": "teacher.train.optimizer.", "scheduler.": "teache
 
 def _in_teacher_terms(err: UserError) -> UserError:
     """The teacher run's error about e.g. `optimizer.lr`, told as the user's
-    `teacher.train.optimizer.lr`."""
+    `teacher.train.optimizer.lr`. A diverged teacher build (training/run.py RunDiverged, which
+    carries the step) is told without the student run's "continue this run dir" advice: the
+    build's dir is the store's staging dir, not the user's."""
+    if getattr(err, "step", None) is not None:
+        what = err.what.split(". The run stopped")[0]
+        return UserError(f"The teacher store's training of the teacher failed — {what}",
+                         "teacher.train.optimizer.lr", "Lower teacher.train.optimizer.lr; "
+                         "`distill-teachers prune` removes the unfinished build")
     for theirs, ours in _TEACHER_KEYS.items():
         if (err.key or "").startswith(theirs):
             key = ours + err.key[len(theirs):]
