@@ -405,7 +405,7 @@ def test_the_cli_refuses_a_corrupt_folder_and_runs_with_skip_corrupt(tmp_path):
     proc = distill(*args, f"hydra.run.dir={tmp_path / 'a'}", tmp_path=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "`dataset.root`" in proc.stderr and "1.png" in proc.stderr
-    proc = distill(*args, "+dataset.skip_corrupt=true", f"hydra.run.dir={tmp_path / 'b'}",
+    proc = distill(*args, "dataset.skip_corrupt=true", f"hydra.run.dir={tmp_path / 'b'}",
                    tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "left out 1 corrupt image" in proc.stderr
