@@ -24,7 +24,7 @@ from typing import Iterator
 from filelock import FileLock, Timeout
 
 from distill_cli.errors import UserError
-from distill_cli.io import read_json, write_json
+from distill_cli.io import blocking_file, read_json, write_json
 
 ENTRY_FILE = "entry.json"
 
@@ -84,10 +84,9 @@ class Store:
         self.check = ENTRY_CHECKS.get(kind, lambda meta: None if isinstance(meta, dict)
                                       else f"entry.json holds a {type(meta).__name__}")
         fix = "Point it at a directory (or a path where one can be created)"
-        for p in (Path(root).expanduser(), self.dir):
-            if p.exists() and not p.is_dir():
-                raise UserError(f"The store root {root} is not a directory ({p} is a file)",
-                                root_key, fix)
+        if (p := blocking_file(self.dir / "entry")) is not None:
+            raise UserError(f"The store root {root} is not a directory ({p} is a file)",
+                            root_key, fix)
         if create:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)

@@ -43,11 +43,18 @@ class World:
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on any (a stop request on one rank stops
         all of them at the same step)."""
+        return bool(self._reduce(1 if flag else 0, dist.ReduceOp.MAX))
+
+    def min(self, value: int) -> int:
+        """The smallest of every rank's `value` (e.g. the first non-finite step)."""
+        return self._reduce(value, dist.ReduceOp.MIN)
+
+    def _reduce(self, value: int, op) -> int:
         if not self.distributed:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=op)
+        return int(t.item())
 
     def broadcast(self, value):
         """Rank 0's `value` on every rank (a picklable object)."""

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from distill_cli import keys
@@ -88,10 +87,7 @@ class NonFiniteWatch:
         # one reduction for both: 2 * step + 1 marks the weights' (the loss's wins a tie)
         code = min(2 * int(self.step),
                    2 * _NEVER if weights_bad_at is None else 2 * weights_bad_at + 1)
-        if world.distributed:
-            t = torch.tensor([code], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            code = int(t.item())
+        code = world.min(code)
         return None if code >= 2 * _NEVER else (code // 2, code % 2 == 0)
 
 
