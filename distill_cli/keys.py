@@ -61,6 +61,8 @@ TEACHERS = "teachers"  # + "/...": a multi-teacher pool; "teachers/<i>/test/<met
 BEST_TEST_ACC1 = "best/test/acc1"  # test top-1 of the val-selected best.pt, percent
 BEST_VAL_ACC1 = "best/val/acc1"  # val top-1 that selected best.pt, percent
 LAST_TEST_ACC1 = "last/test/acc1"  # test top-1 of the final weights, percent
+# dataset distillation: the std of test top-1 over the protocol's evaluation networks of one run
+BEST_TEST_MODEL_STD = "best/test/acc1_model_std"
 BEST_TEST_ECE = "best/test/ece"  # expected calibration error of best.pt on test, fraction
 BEST_TEST_PGD_ACC1 = "best/test/pgd_acc1"  # PGD robust test top-1 of best.pt, percent (eval.pgd)
 LAST_TEST_PGD_ACC1 = "last/test/pgd_acc1"  # PGD robust test top-1 of the final weights, percent

@@ -33,7 +33,8 @@ _SCHEDULERS = ("distill_cli.schedules", "torch.optim.lr_scheduler")
 _LAUNCHERS = ("hydra._internal.core_plugins", "hydra_plugins.hydra_joblib_launcher",
               "hydra_plugins.hydra_submitit_launcher")
 NODE_PACKAGES: dict[str, tuple[str, ...]] = {
-    "loss": ("distill_cli.losses",),
+    # a family's own objectives live under its task (dataset distillation's methods/)
+    "loss": ("distill_cli.losses", "distill_cli.tasks.dataset_distill.methods"),
     "student": _MODELS, "teacher": _MODELS, "teachers": _MODELS, "candidates": _MODELS,
     "dataset": ("distill_cli.data",),
     "task": ("distill_cli.tasks",),

@@ -24,6 +24,7 @@ BUILDERS = {
     "digits": "distill_cli.data.digits:build",
     "mnist1d": "distill_cli.data.mnist1d:build",
     "fake": "distill_cli.data.fake:build",
+    "distilled": "distill_cli.data.distilled:load",
 }
 
 

@@ -256,10 +256,21 @@ class DataBundle:
     input_shape: tuple[int, ...]
     identity: dict  # JSON-able; everything that determines the data, never the root path
     class_names: tuple[str, ...] | None = field(default=None)
+    # the data a teacher of this data learns from when the teacher store trains one; None = this
+    # bundle. dataset=distilled (data/distilled.py): the SOURCE dataset, never the synthetic set
+    teacher_data: "DataBundle | None" = field(default=None)
 
     def to(self, device) -> "DataBundle":
-        return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device),
-                                   test=self.test.to(device))
+        moved = {id(s): s.to(device) for s in (self.train, self.val, self.test)}
+        teacher = None
+        if self.teacher_data is not None:   # splits it shares with this bundle are moved once
+            t = self.teacher_data
+            splits = {name: getattr(t, name) for name in ("train", "val", "test")}
+            teacher = dataclasses.replace(t, **{
+                name: moved[id(s)] if id(s) in moved else s.to(device)
+                for name, s in splits.items()})
+        return dataclasses.replace(self, train=moved[id(self.train)], val=moved[id(self.val)],
+                                   test=moved[id(self.test)], teacher_data=teacher)
 
     @property
     def device(self) -> torch.device:

@@ -37,6 +37,12 @@ class Objective(nn.Module):
     """
 
     needs_teacher: bool = True
+    # The task whose models this objective trains (tasks/): a classification loss refuses a
+    # synthetic set, a dataset-distillation loss a classifier student.
+    task_name: str = "classification"
+    # True when the objective reads the frozen teacher's BatchNorm layers (SRe2L's statistics):
+    # the teacher then keeps them instead of having them folded into its convolutions.
+    keeps_teacher_batchnorm: bool = False
     # False for methods that index by the hard label (DKD's masks, PLD's label-first order):
     # they cannot train on mixup/CutMix batches, whose targets are label distributions.
     accepts_soft_targets: bool = True

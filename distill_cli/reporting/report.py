@@ -24,6 +24,7 @@ from distill_cli.errors import UserError
 from distill_cli.reporting.tracking import make_console
 from distill_cli.io import read_json
 from distill_cli.tasks.classification.columns import REPORT_COLUMNS
+from distill_cli.tasks.dataset_distill.columns import REPORT_COLUMNS as SET_COLUMNS
 
 MAIN_METRIC = keys.BEST_TEST_ACC1
 FORMATS = ("table", "md", "csv", "json")
@@ -35,12 +36,13 @@ _PATH_KEY = re.compile(r"(^|[._])(dir|path|root|file|checkpoint|resume)$")
 _LOWER_IS_BETTER = ("ece", "nll", "wall")
 _TEXT = ("config", keys.STATUS)
 # column headers: the task's (one home for them); a column not named there shows its key
-SHORT = REPORT_COLUMNS
+SHORT = {**REPORT_COLUMNS, **SET_COLUMNS}
 ALIASES = {"best": keys.BEST_TEST_ACC1, "last": keys.LAST_TEST_ACC1, "ece": keys.BEST_TEST_ECE,
            "teacher": keys.TEACHER_TEST_ACC1, "wall": keys.WALL_S,
            "pgd": keys.BEST_TEST_PGD_ACC1}
 # reported as mean ± std when any run has them (robust accuracy: `eval.pgd.steps > 0`)
-OPTIONAL = (keys.BEST_TEST_PGD_ACC1,)
+# and the spread over a dataset-distillation run's evaluation networks
+OPTIONAL = (keys.BEST_TEST_PGD_ACC1, keys.BEST_TEST_MODEL_STD)
 
 
 @dataclass

@@ -151,6 +151,9 @@ class NullLogger:
     def log_model(self, checkpoints: dict, summary: dict | None = None) -> None:
         pass
 
+    def log_image(self, name: str, path, step: int | None = None) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -191,6 +194,10 @@ class WandbLogger:
     def summary(self, values: dict) -> None:
         for k, v in values.items():
             self.run.summary[k] = v
+
+    def log_image(self, name: str, path, step: int | None = None) -> None:
+        """An image file (e.g. a synthetic set's grid) under `name`."""
+        self.run.log({name: self._wandb.Image(str(path))}, step=step)
 
     def log_model(self, checkpoints: dict, summary: dict | None = None) -> None:
         """The student as a W&B `model` artifact `student-<run id>`: one version per

@@ -52,3 +52,21 @@ class Task:
     def stored_row_shape(self, data) -> tuple[int, ...]:
         """The shape of one sample's stored teacher output (the output store's row)."""
         raise NotImplementedError
+
+    def steps_per_epoch(self, data, batch_size: int) -> int:
+        """Optimizer steps in one training epoch (default: one pass over the training split)."""
+        return data.train.num_batches(batch_size, train=True)
+
+    def check_objective(self, objective) -> None:
+        """Refuse an objective made for another task (its `task_name`), before any work."""
+        if objective.task_name != self.name:
+            from distill_cli.errors import UserError
+            raise UserError(f"loss={type(objective).__name__} is a {objective.task_name} "
+                            f"objective, but the run's task is {self.name}", "loss",
+                            f"Pick a {self.name} loss, or task={objective.task_name} with what "
+                            "it needs (its recipes show how)")
+
+    def artifacts(self, model, run_dir, tag: str, data, logger, source: dict) -> None:
+        """Files a run of this task leaves besides checkpoints, for the `start` model and the
+        final `best` / `last` ones (a synthetic set's image grid and dataset file).
+        `source`: the dataset's config node as a plain dict. Default: none."""

@@ -70,12 +70,13 @@ def online_teacher(node: DictConfig, data, device, method: str = "this loss"
 
 
 def resolve_teacher(node: DictConfig, data, device: torch.device, reporter,
-                    access: StoreAccess, *, online: str | None = None, any_classes: bool = False
-                    ) -> tuple[nn.Module | None, dict]:
+                    access: StoreAccess, *, online: str | None = None, any_classes: bool = False,
+                    fold: bool = True) -> tuple[nn.Module | None, dict]:
     """Return (the teacher `node` describes or None, summary fields describing where it came
     from). The teacher is frozen, except with `online` (the method's name: a fresh, trainable
     one); `any_classes` accepts a checkpoint trained for another class count (a source teacher
-    of the multi-teacher pool). `access` lets the store train a teacher it does not hold."""
+    of the multi-teacher pool). `access` lets the store train a teacher it does not hold.
+    `fold=False` keeps its BatchNorm layers (an objective that reads their statistics: SRe2L)."""
     arch = model_node(node)
     if arch is None:
         if node.get("checkpoint"):
@@ -98,4 +99,4 @@ def resolve_teacher(node: DictConfig, data, device: torch.device, reporter,
         info = {keys.TEACHER_SOURCE: "checkpoint",
                 keys.TEACHER_CHECKPOINT: str(Path(node.checkpoint).expanduser())}
     # a frozen teacher is an inference-only graph: BN folded into its convs (models/fold.py)
-    return model, {**info, keys.TEACHER_BN_FOLDED: fold_batchnorm(model)}
+    return model, {**info, keys.TEACHER_BN_FOLDED: fold_batchnorm(model) if fold else 0}

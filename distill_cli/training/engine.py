@@ -140,7 +140,7 @@ class Engine:
         self.run_dir, self.reporter = Path(sinks.run_dir), sinks.reporter
         self.logger, self.meta = sinks.logger, sinks.checkpoint_meta
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.steps_per_epoch = data.train.num_batches(settings.batch_size, train=True)
+        self.steps_per_epoch = task.steps_per_epoch(data, settings.batch_size)
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.state = TrainState()
         self.stop = StopRequest()

@@ -134,6 +134,7 @@ def checked_plan(cfg: DictConfig, world: World = SINGLE) -> Plan:
     expensive (`world`: the data-parallel ranks the run will train on)."""
     task = build_task(cfg.task)
     objective = build_objective(cfg.loss)
+    task.check_objective(objective)
     check_data_parallel(cfg, objective, world)
     mix = MixSpec.from_config(cfg.augment.mix)
     if mix.enabled and not objective.accepts_soft_targets:

@@ -130,8 +130,11 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
     # teachers/ floor never imports the runner)
     if not world.is_main:
         world.barrier()   # rank 0 resolves the teachers first, training any the store lacks
-    teacher, pool, teacher_info = teacher_models(cfg, objective, data, device, console(0),
-                                                 store_access(cfg, data, tty, run))
+    # dataset=distilled: a teacher the store trains learns the SOURCE data, never the set
+    teacher_data = data.teacher_data or data
+    teacher, pool, teacher_info = teacher_models(cfg, objective, teacher_data, device,
+                                                 console(0),
+                                                 store_access(cfg, teacher_data, tty, run))
     if world.is_main:
         world.barrier()
     teachers = [model for _, model, _ in pool]
@@ -141,13 +144,13 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
     student, channels_last = build_student(cfg, task, objective, teacher, teachers, data,
                                            device, world)
     settings = TrainerSettings.from_config(cfg.trainer, channels_last)
-    steps_per_epoch = data.train.num_batches(settings.batch_size, train=True)
+    steps_per_epoch = task.steps_per_epoch(data, settings.batch_size)
     if steps_per_epoch == 0:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the "
                         f"{len(data.train)} training examples", "trainer.batch_size",
                         "Lower trainer.batch_size or raise dataset.limit_train")
     optimizer, scheduler = optimizer_and_schedule(
-        cfg.optimizer, cfg.scheduler, list(student.parameters()) + list(objective.parameters()),
+        cfg.optimizer, cfg.scheduler, trained_parameters(student, objective),
         steps_per_epoch, settings.epochs)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -205,6 +208,9 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
                            f"step {engine.state.step}")
         elif world.is_main and metrics.path.exists():   # a run started over: no epoch kept
             metrics.truncate_after(0)
+        source = OmegaConf.to_container(cfg.dataset, resolve=True)
+        if resumed is None and world.is_main:
+            task.artifacts(student, run_dir, "start", data, logger, source)
         if restarting:
             reporter.stage(f"{run_dir} stopped before its first checkpoint: starting it over "
                            "from step 0")
@@ -234,6 +240,8 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
                 "trainer.resume=auto"))
             raise RunInterrupted(exit_code, run_dir)
         summary.update(final_evaluation(engine, run_dir, plan.mia, plan.pgd))
+        if world.is_main:
+            write_artifacts(engine, run_dir, logger, source)
         summary.update(topology.summary())
         summary[keys.STATUS] = "finished"
         summary[keys.WALL_S] = previous.get(keys.WALL_S, 0.0) + time.time() - started
@@ -252,6 +260,16 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
         raise
     finally:
         logger.finish(exit_code)
+
+
+def trained_parameters(student: nn.Module, objective) -> list:
+    """What the run's optimizer trains: the student's parameters (or its own parameter groups,
+    e.g. a synthetic set's learnable step size at its own lr) and the objective's heads."""
+    heads = list(objective.parameters())
+    groups = getattr(student, "optimizer_groups", None)
+    if groups is None:
+        return list(student.parameters()) + heads
+    return groups() + ([{"params": heads}] if heads else [])
 
 
 def trained_so_far(engine: Engine, task, previous: dict, started: float) -> dict:
@@ -328,6 +346,17 @@ def build_student(cfg: DictConfig, task, objective, teacher, teachers: list, dat
             if model is not None:
                 model.to(memory_format=torch.channels_last)
     return student, channels_last
+
+
+def write_artifacts(engine: Engine, run_dir: Path, logger, source: dict) -> None:
+    """The task's files of the last and the best (by val) student (tasks/base.py `artifacts`)."""
+    student, task = engine.student, engine.task
+    task.artifacts(student, run_dir, "last", engine.data, logger, source)
+    current = {k: v.clone() for k, v in student.state_dict().items()}
+    student.load_state_dict(checkpoint.load(run_dir / "checkpoints" / "best.pt",
+                                            "trainer")["model"])
+    task.artifacts(student, run_dir, "best", engine.data, logger, source)
+    student.load_state_dict(current)
 
 
 def check_same_world(ckpt: dict, world: World) -> None:

@@ -26,6 +26,8 @@ def teacher_run_config(cfg: DictConfig, node: DictConfig | None = None) -> DictC
                     "_target_": None, "arch": None, "checkpoint": None}
     # data order and augmentation follow the teacher's seed too: with the student's `data_seed`
     # the stored teacher would depend on which job of a sweep happened to build it
+    # a task whose teachers are another task's models (dataset distillation: classifiers) names it
+    c["task"] = c["task"].get("teacher_task") or c["task"]
     c.update(loss=train["loss"], optimizer=train["optimizer"], scheduler=train["scheduler"],
              seed=teacher["seed"], data_seed=teacher["seed"],
              logger={"_target_": "distill_cli.reporting.tracking.NullLogger", "_partial_": True},

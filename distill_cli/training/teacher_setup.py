@@ -29,7 +29,8 @@ def teacher_models(cfg: DictConfig, objective, data, device, reporter, access: S
     if not isinstance(objective, PoolObjective):
         online = type(objective).__name__ if isinstance(objective, OnlineObjective) else None
         teacher, info = resolve_teacher(cfg.teacher, data, device, reporter, access,
-                                        online=online)
+                                        online=online,
+                                        fold=not objective.keeps_teacher_batchnorm)
         return teacher, [], info
     pool, scores, info = resolve_pool(cfg.teacher, cfg.teachers, data, device, reporter, access,
                                       int(cfg.trainer.eval_batch_size),
