@@ -73,6 +73,12 @@ def build_task(node: DictConfig):
     return instantiate(node, "task")
 
 
+def objective_class(node: DictConfig) -> type:
+    """The class `node` would build, located (after the allow-list check) but not built."""
+    check_targets(node, "loss", opted_in())
+    return hydra.utils.get_class(node._target_)
+
+
 def build_objective(node: DictConfig):
     return instantiate(_without(node, LOSS_RUN_KEYS), "loss")
 

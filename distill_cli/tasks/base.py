@@ -57,11 +57,12 @@ class Task:
         """Optimizer steps in one training epoch (default: one pass over the training split)."""
         return data.train.num_batches(batch_size, train=True)
 
-    def check_objective(self, objective) -> None:
-        """Refuse an objective made for another task (its `task_name`), before any work."""
+    def check_objective(self, objective: type) -> None:
+        """Refuse an objective class made for another task (its `task_name`), before it is
+        built (its options may only make sense under its own task)."""
         if objective.task_name != self.name:
             from distill_cli.errors import UserError
-            raise UserError(f"loss={type(objective).__name__} is a {objective.task_name} "
+            raise UserError(f"loss={objective.__name__} is a {objective.task_name} "
                             f"objective, but the run's task is {self.name}", "loss",
                             f"Pick a {self.name} loss, or task={objective.task_name} with what "
                             "it needs (its recipes show how)")

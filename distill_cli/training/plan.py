@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distill_cli.config.build import build_objective, build_task, model_node
+from distill_cli.config.build import build_objective, build_task, model_node, objective_class
 from distill_cli.data import unlabeled
 from distill_cli.data.mixing import MIX_OFF, MixSpec
 from distill_cli.errors import UserError
@@ -133,8 +133,8 @@ def checked_plan(cfg: DictConfig, world: World = SINGLE) -> Plan:
     """The objective and every run option that can be refused, checked before anything
     expensive (`world`: the data-parallel ranks the run will train on)."""
     task = build_task(cfg.task)
+    task.check_objective(objective_class(cfg.loss))
     objective = build_objective(cfg.loss)
-    task.check_objective(objective)
     check_data_parallel(cfg, objective, world)
     mix = MixSpec.from_config(cfg.augment.mix)
     if mix.enabled and not objective.accepts_soft_targets:
