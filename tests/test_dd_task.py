@@ -83,6 +83,7 @@ def test_protocol_is_deterministic_for_a_seed_and_scores_mean_and_std(data):
     (["loss=kd", "teacher=cnn"], "loss"),
     (["task.iterations=0"], "task.iterations"),
     (["task.eval.models=0"], "task.eval.models"),
+    (["loss=sre2l"], "teacher"),             # a method that needs a teacher, without one
 ])
 def test_bad_input_is_refused_naming_the_key(tmp_path, overrides, key):
     with pytest.raises(UserError) as info:
@@ -156,3 +157,15 @@ def test_every_method_builds_and_moves_the_images(tmp_path, data, loss):
     assert terms["loss"].ndim == 0 and torch.isfinite(terms["loss"])
     terms["loss"].backward()
     assert student.images.grad is not None and student.images.grad.abs().sum() > 0
+
+
+def test_the_grids_reach_wandb(tmp_path, monkeypatch):
+    """The set's grids go to the W&B run as images (offline: real run files on disk)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(make_cfg([*TINY, "loss=dm", "logger=wandb", "trainer.epochs=1"]), tmp_path / "r",
+        tty=False)
+    import wandb
+
+    wandb.teardown()   # waits for the offline writer, as at process exit (test_config.py)
+    images = sorted(p.name for p in (tmp_path / "r" / "wandb").rglob("synthetic/*.png"))
+    assert [n.split("_")[0] for n in images] == ["best", "last", "start"], images
