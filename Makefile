@@ -41,10 +41,13 @@ test-slow: install data  ## also the slow, longer real-data tests
 bench: install data  ## speed benchmark (ratios side by side) -> benchmarks/results/speed.md
 	$(PY) benchmarks/bench_speed.py --out benchmarks/results/speed.md
 
+bench-dd: install  ## dataset distillation: seconds and peak memory per set update, MTT's unroll -> benchmarks/results/dd_bench.md
+	$(PY) benchmarks/bench_dd.py --out benchmarks/results/dd_bench.md
+
 bench-torchdistill: install data  ## KD speed vs torchdistill, same job (own venv, ~20 min) -> benchmarks/results/torchdistill.md
 	$(PY) benchmarks/bench_torchdistill.py --out benchmarks/results/torchdistill.md
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install data run test test-slow bench bench-torchdistill clean
+.PHONY: help install data run test test-slow bench bench-dd bench-torchdistill clean

@@ -169,3 +169,11 @@ def test_the_grids_reach_wandb(tmp_path, monkeypatch):
     wandb.teardown()   # waits for the offline writer, as at process exit (test_config.py)
     images = sorted(p.name for p in (tmp_path / "r" / "wandb").rglob("synthetic/*.png"))
     assert [n.split("_")[0] for n in images] == ["best", "last", "start"], images
+
+
+@pytest.mark.parametrize("net", ["{arch:mlp}", "{arch:resnet8}"])
+def test_cross_architecture_evaluation(tmp_path, net):
+    """task.eval.net: the same set judged by another zoo network (an MLP, a ResNet)."""
+    summary = run(make_cfg([*TINY, "loss=dm", "trainer.epochs=1", f"task.eval.net={net}"]),
+                  tmp_path / "r", tty=False)
+    assert summary["status"] == "finished" and summary["best/test/models"] == 2
