@@ -21,6 +21,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # (tests that inspect the store point DISTILL_HOME at their own tmp_path).
 os.environ["DISTILL_HOME"] = tempfile.mkdtemp(prefix="distill-test-home-")
 torch.set_num_threads(1)  # pytest-xdist runs one worker per core
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the `tokenizers` BPE trainer's threads, likewise
 
 # A tiny, fast run on sklearn digits (1x8x8, 10 classes): the integration tests' base.
 # NCHW pinned: the runs that tests compare (and tests/test_pinned_run.py) predate `auto`.

@@ -39,9 +39,11 @@ def fake_data():
                                       "dataset.num_classes=100"]).dataset)
 
 
-# not networks here: none, cnn1d (1-D inputs), synthetic (task=dataset_distill's set: test_dd_task.py)
+# not image networks: none, cnn1d (1-D inputs), synthetic (task=dataset_distill's set:
+# test_dd_task.py), gpt_* (language models, ids -> [B, T, V]: test_gpt.py)
 @pytest.mark.parametrize("arch", [a for a in options("student")
-                                  if a not in ("none", "cnn1d", "synthetic")])
+                                  if a not in ("none", "cnn1d", "synthetic", "gpt_tiny",
+                                               "gpt_small")])
 def test_every_zoo_option_builds_as_student_and_teacher(arch, fake_data):
     for group in ("student", "teacher"):
         cfg = make_cfg([f"{group}={arch}"])
@@ -87,6 +89,8 @@ def test_every_loss_option(loss):
     node = make_cfg([f"loss={loss}"]).loss
     if node._target_.startswith("distill_cli.tasks.dataset_distill."):
         pytest.skip("a dataset-distillation objective: tests/test_dd_task.py builds each one")
+    if node._target_.startswith("distill_cli.tasks.lm."):
+        pytest.skip("a language-model objective on [B, T, V]: tests/test_lm_objectives.py")
     objective = build.build_objective(node)
     assert isinstance(objective, Objective)
     if not isinstance(objective, StepObjective):

@@ -177,3 +177,25 @@ def test_cross_architecture_evaluation(tmp_path, net):
     summary = run(make_cfg([*TINY, "loss=dm", "trainer.epochs=1", f"task.eval.net={net}"]),
                   tmp_path / "r", tty=False)
     assert summary["status"] == "finished" and summary["best/test/models"] == 2
+
+
+@pytest.mark.parametrize("recipe,shape", [("dd_digits", (1, 8, 8)), ("dd_digits_sre2l", (1, 8, 8)),
+                                          ("dd_fmnist", (1, 28, 28)), ("dd_mnist", (1, 28, 28)),
+                                          ("dd_cifar10", (3, 32, 32))])
+def test_every_dataset_distillation_recipe_composes_and_builds(recipe, shape):
+    """Each dd_* recipe composes into a dataset-distillation run whose task, objective, set and
+    evaluation network build on data of its dataset's shape (a synthetic stand-in)."""
+    from distill_cli.config.build import build_objective
+    from distill_cli.data.fake import build as fake
+    from distill_cli.tasks.dataset_distill.nets import build_net
+
+    cfg = make_cfg([f"recipe={recipe}"])
+    assert cfg.task._target_.endswith("DatasetDistillTask") and cfg.student.arch == "synthetic"
+    assert build_objective(cfg.loss).task_name == "dataset_distill"
+    stand_in = fake(shape=list(shape), num_classes=10, train_size=200, test_size=20)
+    task = DatasetDistillTask(**{k: cfg.task[k] for k in ("iterations", "batch_real", "net",
+                                                           "eval")})
+    synthetic = task.build_model(cfg.student, "student", stand_in)
+    assert synthetic.images.shape == (10 * cfg.student.ipc, *shape)
+    net = build_net(cfg.task.eval.net, shape, 10, seed=0)
+    assert net(torch.zeros(2, *shape)).shape == (2, 10)

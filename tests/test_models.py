@@ -110,7 +110,7 @@ def test_vgg_pooling_follows_repdistiller(size, block4_side):
 
 def test_create_is_deterministic_under_seed():
     for arch in ALL_ZOO:
-        shape = (40,) if arch == "cnn1d" else (32, 32)
+        shape = (40,) if arch == "cnn1d" else (16,) if arch == "gpt" else (32, 32)
         states = []
         for _ in range(2):
             torch.manual_seed(123)
@@ -229,6 +229,10 @@ def test_student_configs_instantiate(cfg_file):
     cfg = OmegaConf.load(CONF / cfg_file)
     if cfg.arch == "synthetic":
         pytest.skip("task=dataset_distill's synthetic set, not a zoo network (test_dd_task.py)")
+    if cfg.arch == "gpt":  # a language model: ids [B, T] -> [B, T, V] (tests/test_gpt.py)
+        model = instantiate(cfg, num_classes=10, in_channels=1, input_size=[8])
+        assert model(torch.randint(0, 10, (2, 8))).shape == (2, 8, 10)
+        return
     shape = (40,) if cfg.arch == "cnn1d" else (8, 8)
     model = instantiate(cfg, num_classes=10, in_channels=1, input_size=list(shape))
     assert model(torch.randn(2, 1, *shape)).shape == (2, 10)

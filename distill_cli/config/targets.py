@@ -34,7 +34,8 @@ _LAUNCHERS = ("hydra._internal.core_plugins", "hydra_plugins.hydra_joblib_launch
               "hydra_plugins.hydra_submitit_launcher")
 NODE_PACKAGES: dict[str, tuple[str, ...]] = {
     # a family's own objectives live under its task (dataset distillation's methods/)
-    "loss": ("distill_cli.losses", "distill_cli.tasks.dataset_distill.methods"),
+    "loss": ("distill_cli.losses", "distill_cli.tasks.dataset_distill.methods",
+             "distill_cli.tasks.lm.methods"),
     "student": _MODELS, "teacher": _MODELS, "teachers": _MODELS, "candidates": _MODELS,
     "dataset": ("distill_cli.data",),
     "task": ("distill_cli.tasks",),

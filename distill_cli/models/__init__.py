@@ -9,7 +9,7 @@ from distill_cli.models.taps import ClassifierInput, FeatureTaps, prepool_path
 
 # Imported for their @register side effect; one module per family.
 from distill_cli.models import (  # noqa: E402,F401  isort: skip
-    cnn, cnn1d, convnet, mixer, mlp, mobilenetv2, resnet18_cifar, resnet_cifar, shufflenetv1,
+    cnn, cnn1d, convnet, gpt, mixer, mlp, mobilenetv2, resnet18_cifar, resnet_cifar, shufflenetv1,
     shufflenetv2, tv, vgg, vit, wrn,
 )
 

@@ -1,0 +1,1 @@
+"""Language-model distillation (task=lm): token data, tokenizers, objectives."""
