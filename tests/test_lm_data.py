@@ -84,7 +84,7 @@ def test_bundle_splits_hold_whole_documents_and_the_stream(corpus_dir, tmp_path)
         np.testing.assert_array_equal(stream, expected)
         found = {int(m) for m in re.findall(r"DOCUMENT-(\d+)", tok.decode(stream))}
         assert found == {int(docs[i][9:12]) for i in members}
-    assert data.num_classes == 258 and data.input_shape == (100,)
+    assert data.num_classes == 258 and data.input_shape == (1, 100)
     assert data.identity["tokenizer"] == "byte" and str(tmp_path) not in json.dumps(data.identity)
 
 
@@ -312,4 +312,4 @@ def test_dataset_text_composes_and_builds(corpus_dir, tmp_path):
     cfg = make_cfg(["dataset=text", "dataset.corpus=path", f"dataset.path={corpus_dir}",
                     f"store.root={tmp_path}", "dataset.block_size=48", "dataset.limit_eval=5"])
     data = config_build.build_data(cfg.dataset)
-    assert data.input_shape == (48,) and data.num_classes == 258 and len(data.val) == 5
+    assert data.input_shape == (1, 48) and data.num_classes == 258 and len(data.val) == 5

@@ -314,5 +314,7 @@ def build(corpus: str = "stdlib", path=None, tokenizer: str = "byte", vocab_size
         "input_shape": [block_size], "augment": None,
         "sizes": {k: len(s) for k, s in splits.items()},
         "split_documents": {"train": len(train), "val": len(val), "test": len(test)}}
-    return DataBundle(name="text", num_classes=tok.vocab_size, input_shape=(block_size,),
+    # (1, T): one channel of T token ids, the zoo's convention for sequences (MNIST-1D's (1, L)),
+    # so every model builder passes in_channels=1, input_size=(T,)
+    return DataBundle(name="text", num_classes=tok.vocab_size, input_shape=(1, block_size),
                       identity=identity, **splits)

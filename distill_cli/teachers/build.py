@@ -175,7 +175,7 @@ def _train_into_store(node: DictConfig, data, store: Store, key: str, desc: dict
     shutil.rmtree(run_dir, ignore_errors=True)  # whatever else a run leaves is not the entry
     meta = {"arch": desc["model"]["arch"], "model": desc["model"], "dataset": data.name,
             "description": desc, "test_acc1": summary[keys.BEST_TEST_ACC1],
-            "val_acc1": summary[keys.BEST_VAL_ACC1], "wall_s": summary[keys.WALL_S],
+            "val_acc1": summary.get(keys.BEST_VAL_ACC1), "wall_s": summary[keys.WALL_S],
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "git": summary[keys.GIT]}
     return store.publish(key, staging, meta)
 

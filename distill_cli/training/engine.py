@@ -44,7 +44,8 @@ class TrainState:
     epoch: int = 0            # completed epochs
     epoch_step: int = 0       # optimizer steps already done inside epoch `epoch + 1`
     step: int = 0             # global optimizer steps
-    best_score: float = -1.0   # the task's selection metric of `best` (val acc1 here)
+    # the task's selection metric of `best` (val acc1; an LM's -NLL is negative): none yet = -inf
+    best_score: float = float("-inf")
     best_epoch: int = 0
     epoch_sums: dict = field(default_factory=dict)   # partial-epoch sums of train terms
     epoch_images: int = 0

@@ -11,6 +11,7 @@ finished (exit 0), interrupted (`RunInterrupted`: 3, or 128 + the signal), diver
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -277,7 +278,8 @@ def trained_so_far(engine: Engine, task, previous: dict, started: float) -> dict
     wall-clock time summed over the launches of the run."""
     s = engine.state
     return {keys.EPOCHS: s.epoch, keys.STEP: s.step, keys.BEST_EPOCH: s.best_epoch,
-            keys.join(keys.BEST_VAL, task.selection_metric): s.best_score,
+            keys.join(keys.BEST_VAL, task.selection_metric): (
+                s.best_score if math.isfinite(s.best_score) else None),   # no epoch yet
             keys.TRAIN_IMAGES_PER_S: s.images_per_s, keys.NONFINITE_SKIPPED: s.skipped_steps,
             keys.WALL_S: previous.get(keys.WALL_S, 0.0) + time.time() - started}
 
@@ -297,7 +299,7 @@ def start_fork_best(engine: Engine, source: Path, run_dir: Path, world: World) -
     without one (a lone last.pt): best-so-far starts over with the fork's first epoch."""
     best = source if source.name == "best.pt" else source.parent / "best.pt"
     if not best.is_file():
-        engine.state.best_score, engine.state.best_epoch = -1.0, 0
+        engine.state.best_score, engine.state.best_epoch = float("-inf"), 0
     elif world.is_main:
         with open(best, "rb") as src:
             atomic_write_bytes(run_dir / "checkpoints" / "best.pt",
