@@ -214,7 +214,7 @@ def test_bpe_bundle_uses_the_store_and_names_the_tokenizer(corpus_dir, bpe_root)
 def test_concurrent_bpe_builds_train_once(corpus_dir, tmp_path):
     """Two processes ask for the same tokenizer at once: one trains, both get the same ids."""
     code = (
-        "import sys\nfrom distill_cli.data import text\nfrom distill_cli.tasks.lm import "
+        "import sys\nfrom distill_cli.data import text\nfrom distill_cli.data import "
         "tokenizer as tk\ndocs = text.read_corpus('path', sys.argv[1])\n"
         "train = text.split_documents(len(docs), val_fraction=0.1, test_fraction=0.1, "
         "split_seed=0)[0]\ntok, ids = tk.prepare('bpe', documents=docs, train=train, "
