@@ -25,6 +25,7 @@ from distill_cli.reporting.tracking import make_console
 from distill_cli.io import read_json
 from distill_cli.tasks.classification.columns import REPORT_COLUMNS
 from distill_cli.tasks.dataset_distill.columns import REPORT_COLUMNS as SET_COLUMNS
+from distill_cli.tasks.lm.columns import REPORT_COLUMNS as LM_COLUMNS
 
 MAIN_METRIC = keys.BEST_TEST_ACC1
 FORMATS = ("table", "md", "csv", "json")
@@ -33,16 +34,18 @@ IDENTITY = (keys.DATASET, keys.STUDENT, keys.TEACHER_ARCH, keys.LOSS)
 # Overrides naming a location, not a configuration: they differ per job (a per-seed teacher
 # checkpoint, hydra.run.dir, trainer.resume) and must neither split a group nor label it.
 _PATH_KEY = re.compile(r"(^|[._])(dir|path|root|file|checkpoint|resume)$")
-_LOWER_IS_BETTER = ("ece", "nll", "wall")
+_LOWER_IS_BETTER = ("ece", "nll", "wall", "ppl", "token_kl")
 _TEXT = ("config", keys.STATUS)
 # column headers: the task's (one home for them); a column not named there shows its key
-SHORT = {**REPORT_COLUMNS, **SET_COLUMNS}
+SHORT = {**REPORT_COLUMNS, **SET_COLUMNS, **LM_COLUMNS, "best/test/acc1": "best acc1"}
 ALIASES = {"best": keys.BEST_TEST_ACC1, "last": keys.LAST_TEST_ACC1, "ece": keys.BEST_TEST_ECE,
            "teacher": keys.TEACHER_TEST_ACC1, "wall": keys.WALL_S,
            "pgd": keys.BEST_TEST_PGD_ACC1}
 # reported as mean ± std when any run has them (robust accuracy: `eval.pgd.steps > 0`)
 # and the spread over a dataset-distillation run's evaluation networks
-OPTIONAL = (keys.BEST_TEST_PGD_ACC1, keys.BEST_TEST_MODEL_STD)
+# and a language model's perplexity, agreement with and token KL to its teacher
+OPTIONAL = (keys.BEST_TEST_PGD_ACC1, keys.BEST_TEST_MODEL_STD, "best/test/ppl",
+            "best/test/agreement", "best/test/token_kl")
 
 
 @dataclass
