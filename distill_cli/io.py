@@ -6,6 +6,7 @@ leaves a temp file that `remove_stale_tmp` can tell apart from one a live proces
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -107,3 +108,12 @@ def blocking_file(path: str | Path) -> Path | None:
         if parent.exists() and not parent.is_dir():
             return parent
     return None
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 hex digest of a file's content, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

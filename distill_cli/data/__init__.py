@@ -25,6 +25,7 @@ BUILDERS = {
     "mnist1d": "distill_cli.data.mnist1d:build",
     "fake": "distill_cli.data.fake:build",
     "distilled": "distill_cli.data.distilled:load",
+    "text": "distill_cli.data.text:build",
 }
 
 

@@ -71,7 +71,43 @@ class Split(Protocol):
     def to(self, device) -> "Split": ...
 
 
-class InMemorySplit:
+class HeldSplit:
+    """What every split held as tensors `x`, `y` (first dim N) on one device shares: its size and
+    device, and a training epoch's order — `epoch_order(N, seed, epoch)` cut to whole batches, so
+    batch `step` is a pure function of (seed, epoch, step). Subclasses yield the batches
+    (`_train_iter`)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """All labels (targets), in split order, on the split's device."""
+        return self.y
+
+    def num_batches(self, batch_size: int, train: bool) -> int:
+        return _num_batches(len(self), batch_size, train)
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int, start_step: int = 0
+                      ) -> Iterator[Batch]:
+        steps = self.num_batches(batch_size, train=True)
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        order = epoch_order(len(self), seed, epoch)[: steps * batch_size].to(self.device)
+        return self._train_iter(order, batch_size, seed, epoch, start_step, steps)
+
+    def _train_iter(self, order, batch_size, seed, epoch, start_step, steps) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class InMemorySplit(HeldSplit):
     """A whole split held as one tensor on one device.
 
     x: uint8 `[N, C, H, W]` images (normalised per batch as `(x/255 - mean)/std`) or float32
@@ -104,30 +140,7 @@ class InMemorySplit:
         self._mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(view)
         self._std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(view)
 
-    # --- contract -------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    @property
-    def targets(self) -> torch.Tensor:
-        """All labels, in split order, on the split's device."""
-        return self.y
-
-    def num_batches(self, batch_size: int, train: bool) -> int:
-        return _num_batches(len(self), batch_size, train)
-
-    def train_batches(self, batch_size: int, seed: int, epoch: int, start_step: int = 0
-                      ) -> Iterator[Batch]:
-        steps = self.num_batches(batch_size, train=True)
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        order = epoch_order(len(self), seed, epoch)[: steps * batch_size].to(self.device)
-        return self._train_iter(order, batch_size, seed, epoch, start_step, steps)
-
+    # --- contract (size, device, epoch order: HeldSplit) ------------------------------------
     def _train_iter(self, order, batch_size, seed, epoch, start_step, steps) -> Iterator[Batch]:
         for step in range(start_step, steps):
             idx = order[step * batch_size:(step + 1) * batch_size]

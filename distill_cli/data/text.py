@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill_cli.data.bundle import (DATA_VERSION, Batch, DataBundle, _check_batch_size,
-                                     _num_batches, check_common, epoch_order)
+from distill_cli.data.bundle import (DATA_VERSION, Batch, DataBundle, HeldSplit,
+                                     _check_batch_size, check_common)
 from distill_cli.errors import UserError
 
 #: bump when a change here alters the documents, split or blocks a config yields
@@ -207,7 +207,7 @@ def cut_blocks(stream: np.ndarray, block_size: int, pad_id: int
     return torch.from_numpy(np.ascontiguousarray(blocks[:, :-1])), torch.from_numpy(y)
 
 
-class TokenSplit:
+class TokenSplit(HeldSplit):
     """A split of token blocks held in memory: x, y int64 [N, T] (y = -100 where not counted).
 
     Same contract and determinism as `InMemorySplit`: epoch `e` is ordered by
@@ -221,29 +221,7 @@ class TokenSplit:
         self.x = x.to(torch.int64)
         self.y = y.to(device=x.device, dtype=torch.int64)
 
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    @property
-    def targets(self) -> torch.Tensor:
-        return self.y
-
-    def num_batches(self, batch_size: int, train: bool) -> int:
-        return _num_batches(len(self), batch_size, train)
-
-    def train_batches(self, batch_size: int, seed: int, epoch: int, start_step: int = 0
-                      ) -> Iterator[Batch]:
-        steps = self.num_batches(batch_size, train=True)
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        order = epoch_order(len(self), seed, epoch)[: steps * batch_size].to(self.device)
-        return self._train_iter(order, batch_size, start_step, steps)
-
-    def _train_iter(self, order, batch_size, start_step, steps) -> Iterator[Batch]:
+    def _train_iter(self, order, batch_size, seed, epoch, start_step, steps) -> Iterator[Batch]:
         for step in range(start_step, steps):
             idx = order[step * batch_size:(step + 1) * batch_size]
             yield Batch(idx, self.x.index_select(0, idx), self.y.index_select(0, idx))
@@ -284,8 +262,13 @@ def _positive_int(value, key: str) -> int:
 def build(corpus: str = "stdlib", path=None, tokenizer: str = "byte", vocab_size=4096,
           block_size: int = 256, val_fraction: float = 0.1, test_fraction: float = 0.1,
           split_seed: int = 0, limit_train: int | None = None, limit_eval: int | None = None,
-          store_root="~/.cache/distill_cli", root=None, download: bool = False) -> DataBundle:
-    """The `dataset=text` bundle (`root` / `download` are accepted like every dataset, unused)."""
+          store_root="~/.cache/distill_cli", root=None, download: bool = False,
+          augment=None) -> DataBundle:
+    """The `dataset=text` bundle (`root` / `download` are accepted like every dataset, unused;
+    token blocks have no augmentation)."""
+    if augment:
+        raise UserError("Token blocks have no augmentation", "dataset.augment",
+                        "Drop dataset.augment (null) for dataset=text")
     check_common(val_fraction, split_seed, limit_train, limit_eval)
     block_size = _positive_int(block_size, "dataset.block_size")
     docs = read_corpus(corpus, path)

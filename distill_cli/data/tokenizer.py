@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from distill_cli.errors import UserError
-from distill_cli.io import atomic_write_bytes, read_json, write_json
+from distill_cli.io import atomic_write_bytes, read_json, sha256_file, write_json
 
 SPECIALS = ("<eod>", "<pad>")
 KINDS = ("byte", "bpe")
@@ -50,14 +50,6 @@ def _tokenizers():
                         "Install the language-model extra with `pip install -e .[lm]`, or use "
                         "dataset.tokenizer=byte") from None
     return tokenizers
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ByteTokenizer:

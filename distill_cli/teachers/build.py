@@ -7,7 +7,6 @@ A build stopped after its first checkpoint is continued bit-exactly by the next 
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from torch import nn
 from distill_cli import keys
 from distill_cli.config.build import TEACHER_SOURCE_KEYS
 from distill_cli.errors import UserError
-from distill_cli.io import read_json, write_json
+from distill_cli.io import read_json, sha256_file, write_json
 from distill_cli.runs import checkpoint
 from distill_cli.runs.directory import LAST
 from distill_cli.tasks.classification.evaluate import predict
@@ -112,7 +111,7 @@ def verify_stored(model: nn.Module, best: Path, meta: dict, data, device, precis
     """A stored teacher must still score what its entry records on the test split (a damaged
     or NaN best.pt would otherwise teach at chance level). Checked once per best.pt content:
     the pass is recorded next to it by hash, and hashing costs far less than a test pass."""
-    digest = _sha256(best)
+    digest = sha256_file(best)
     marker = best.parent.parent / VERIFIED_FILE
     if (read_json(marker) or {}).get("best_sha256") == digest:
         return
@@ -133,18 +132,12 @@ def verify_stored(model: nn.Module, best: Path, meta: dict, data, device, precis
 def _record_verified(best: Path, acc: float, digest: str | None = None) -> None:
     try:
         write_json(best.parent.parent / VERIFIED_FILE, {
-            "best_sha256": digest or _sha256(best), "test_acc1": acc,
+            "best_sha256": digest or sha256_file(best), "test_acc1": acc,
             "checked": time.strftime("%Y-%m-%d %H:%M:%S")})
     except OSError:   # a read-only store is still usable: the check runs again next time
         pass
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _train_into_store(node: DictConfig, data, store: Store, key: str, desc: dict, reporter,

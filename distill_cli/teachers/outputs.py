@@ -34,7 +34,7 @@ from distill_cli.errors import UserError
 from distill_cli.losses.base import OnlineObjective, StepObjective
 from distill_cli.numerics import autocast, quantise
 from distill_cli.teachers.store import Store, content_key
-from distill_cli.io import atomic_write_bytes, read_json, write_json
+from distill_cli.io import atomic_write_bytes, read_json, sha256_file, write_json
 
 FORMAT = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -294,8 +294,4 @@ def outputs_for_pool(settings: OutputSettings, pool, objective, data, device, re
 
 def checkpoint_identity(path: str | Path) -> dict:
     """A teacher loaded from a file is identified by the file's content, not its name."""
-    h = hashlib.sha256()
-    with open(Path(path).expanduser(), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return {"checkpoint_sha256": h.hexdigest()}
+    return {"checkpoint_sha256": sha256_file(path)}

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from distill_cli.config.build import build_model
 from distill_cli.errors import UserError
-from distill_cli.numerics import autocast
 from distill_cli.tasks.base import Task
+from distill_cli.tasks.classification.evaluate import predict
 from distill_cli.tasks.lm.columns import REPORT_COLUMNS
 
 IGNORE = -100
@@ -50,17 +50,8 @@ class LMTask(Task):
     def train_batches(self, data, batch_size, data_seed, epoch, start_step, mix):
         return data.train.train_batches(batch_size, data_seed, epoch, start_step)
 
-    @torch.no_grad()
     def predict(self, model, split, batch_size, device, precision):
-        was_training = model.training
-        model.eval()
-        logits, targets = [], []
-        for batch in split.eval_batches(batch_size):
-            with autocast(device, precision):
-                logits.append(model(batch.x).float())
-            targets.append(batch.y)
-        model.train(was_training)
-        return torch.cat(logits), torch.cat(targets)
+        return predict(model, split, batch_size, device, precision)   # [N, T, V] logits
 
     def score(self, outputs, targets, reference=None):
         mask = targets != IGNORE
