@@ -525,9 +525,9 @@ def test_every_dataset_config_matches_its_builder():
         params = inspect.signature(get_method(target)).parameters
         assert set(cfg) <= set(params), (name, set(cfg) - set(params))
         assert common <= set(cfg), (name, common - set(cfg))
-        for key, value in cfg.items():  # the YAML restates the builder defaults (root aside)
-            default = params[key].default
-            if key in ("root", "augment", "mean", "std", "shape") or value is None:
+        for key, value in cfg.items():  # the YAML restates the builder defaults (root aside;
+            default = params[key].default   # store_root is the run's store.root)
+            if key in ("root", "augment", "mean", "std", "shape", "store_root") or value is None:
                 continue
             assert value == default, (name, key, value, default)
 
