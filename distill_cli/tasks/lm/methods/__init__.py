@@ -13,6 +13,16 @@ from distill_cli.losses.functional import as_float
 from distill_cli.tasks.lm.divergences import counted, token_mean, token_nll
 
 
+def next_token_ce(s: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                  trained: bool) -> torch.Tensor:
+    """The masked next-token CE of every LM objective: in the graph when it is trained
+    (`ce_weight > 0`), else logged only (no graph)."""
+    if trained:
+        return token_mean(token_nll(s, targets), mask)
+    with torch.no_grad():
+        return token_mean(token_nll(s, targets), mask)
+
+
 def check_student(student_logits: torch.Tensor, targets: torch.Tensor | None) -> None:
     """`[B, T, V]` logits and `[B, T]` integer next-token targets (shape checks only: a value
     check would cost a host-device sync every step)."""
@@ -108,11 +118,7 @@ class TokenObjective(Objective):
         t = self.teacher_signal(teacher_logits, student_logits)
         t = torch.where(keep, as_float(t).detach(), 0.0)
         kd = token_mean(self.divergence(s, t), mask)
-        if self.ce_weight > 0:
-            ce = token_mean(token_nll(s, targets), mask)
-        else:  # logged only: no graph
-            with torch.no_grad():
-                ce = token_mean(token_nll(s, targets), mask)
+        ce = next_token_ce(s, targets, mask, self.ce_weight > 0)
         loss = self.kd_weight * kd + self.ce_weight * ce
         return {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
 

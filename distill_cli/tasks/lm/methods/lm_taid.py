@@ -9,8 +9,9 @@ from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext
 from distill_cli.losses.functional import as_float
 from distill_cli.losses.taid import TAID
-from distill_cli.tasks.lm.divergences import counted, log_probs, token_mean, token_nll
-from distill_cli.tasks.lm.methods import check_student, check_weight, vocab_mismatch
+from distill_cli.tasks.lm.divergences import counted, log_probs, token_mean
+from distill_cli.tasks.lm.methods import (check_student, check_weight, next_token_ce,
+                                          vocab_mismatch)
 
 
 class LMTAID(TAID):
@@ -65,11 +66,7 @@ class LMTAID(TAID):
         # would otherwise make 0·(−inf) = NaN
         xent = torch.where(target > 0, target * log_probs(s), 0.0)
         taid = token_mean(-xent.sum(-1), mask)
-        if self.ce_weight > 0:
-            ce = token_mean(token_nll(s, targets), mask)
-        else:  # logged only: no graph
-            with torch.no_grad():
-                ce = token_mean(token_nll(s, targets), mask)
+        ce = next_token_ce(s, targets, mask, self.ce_weight > 0)
         loss = self.kd_weight * taid + self.ce_weight * ce
         # copies: after_step updates the buffers in place after this step's terms are returned
         return {"loss": loss, "taid": taid.detach(), "ce": ce.detach(),
