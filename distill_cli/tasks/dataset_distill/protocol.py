@@ -15,7 +15,6 @@ an evaluation is a pure function of the set and the seed.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill_cli.data.distilled import content_hash
 from distill_cli.errors import UserError
 from distill_cli.seeding import derive_seed
 
@@ -54,14 +54,6 @@ class Protocol:
                                      for k, v in values.items()})
 
 
-def set_digest(images: torch.Tensor, labels: torch.Tensor, lr: float | None) -> str:
-    h = hashlib.sha256()
-    for t in (images.detach().float().cpu().contiguous(), labels.cpu().contiguous()):
-        h.update(t.numpy().tobytes())
-    h.update(repr(lr).encode())
-    return h.hexdigest()
-
-
 class Evaluator:
     """Trains (and caches) the protocol's networks for a set; the cache lets the validation of
     the last epoch and the test of the last weights share their networks."""
@@ -77,7 +69,9 @@ class Evaluator:
                  ) -> list[nn.Module]:
         p = self.protocol
         lr = synthetic.learned_lr() if p.use_learned_lr else None
-        digest = set_digest(synthetic.images, synthetic.labels, lr)
+        # the same content hash that identifies a saved set (data/distilled.py)
+        digest = content_hash({"images": synthetic.images.detach().float().cpu(),
+                               "labels": synthetic.labels.cpu(), "lr": lr})
         nets = self._cache.setdefault(digest, {})
         self._cache.move_to_end(digest)
         while len(self._cache) > self._keep:
