@@ -21,8 +21,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv with torch 2.14.1 and distill_cli[dev,sweep,slurm,export,lm]
 
-data: install  ## make Fashion-MNIST available (local, Debian package, or torchvision download)
+data: install  ## make Fashion-MNIST available (local, Debian package, or torchvision download); the Debian text corpora when root
 	$(PY) -m distill_cli.data.fetch fashion_mnist
+	@# dataset=text dataset.corpus=bible|fortunes (the default corpus, stdlib, needs nothing)
+	@if ! dpkg -s bible-kjv fortunes >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q bible-kjv fortunes >/dev/null || echo "note: apt-get could not install bible-kjv fortunes (their tests skip)"; \
+	  else echo "note: bible-kjv / fortunes not installed (run as root, or apt-get install them); their tests skip"; fi; \
+	fi
 
 run: install data  ## the main job: quickstart sweep (teacher once; CE, KD, DKD students) + report
 	@sweep=multirun/quickstart-$$(date +%Y%m%d-%H%M%S); \
