@@ -51,13 +51,6 @@ class SyntheticSet(nn.Module):
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images, self.labels
 
-    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
-        # a checkpoint of a set with a learnable lr restores into a fresh set, whose objective's
-        # bind() created it already — or not yet, when loaded for evaluation only
-        if "lr" in state and self.lr is None:
-            self.lr = nn.Parameter(torch.zeros((), device=self.images.device))
-        return super().load_state_dict(state, strict, assign)
-
 
 def class_indices(targets: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
     """Positions of each class in a split (CPU int64), in split order."""
