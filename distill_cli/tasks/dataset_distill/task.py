@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from distill_cli import keys
 from distill_cli.config.build import build_model
 from distill_cli.data.augment import normalize
 from distill_cli.data.bundle import Batch
