@@ -67,6 +67,64 @@ def _problem(arr: np.ndarray, meta, shape: list[int], dtype: str) -> str | None:
     return None
 
 
+class TableStore:
+    """Tables of rows computed once and served by index: `<root>/outputs/<key>/<name>.npy` +
+    `<name>.json` (shape, dtype, SHA-256 of every row). A table is served only when its JSON is
+    well-formed, its shape and dtype are the ones asked for, every row matches the hash and
+    every value is finite; anything else is rebuilt (under the entry's lock), never used. The
+    teacher's logits (TeacherOutputs) and a diffusion teacher's (noise, endpoint) pairs
+    (tasks/diffusion/pairs.py) are such tables."""
+
+    def __init__(self, root: str | Path, row_shape: tuple[int, ...], dtype: str = "float32",
+                 reporter=None):
+        self.store = Store(root, "outputs")
+        self.row_shape, self.dtype, self.reporter = tuple(row_shape), dtype, reporter
+        self.built: list[str] = []   # tables computed by this object (the rest were hits)
+
+    def load(self, key: str, name: str, n: int) -> np.ndarray | None:
+        """The stored table, or None (absent, or not trustworthy: rebuilt by the caller)."""
+        folder = self.store.path(key)
+        meta = read_json(folder / f"{name}.json")
+        path = folder / f"{name}.npy"
+        if meta is None or not path.exists():
+            return None
+        try:
+            arr = np.load(path, mmap_mode="r")
+            problem = _problem(arr, meta, [n, *self.row_shape], str(np.dtype(DTYPES[self.dtype])))
+        except (ValueError, OSError, EOFError) as exc:   # truncated or not a .npy at all
+            problem = f"unreadable ({type(exc).__name__})"
+        if problem is not None:
+            if self.reporter:
+                self.reporter.stage(f"stored outputs {key}/{name}: {problem}; rebuilding")
+            return None
+        return arr
+
+    def write(self, key: str, name: str, arr: np.ndarray) -> None:
+        folder = self.store.path(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / f"{name}.npy", lambda fh: np.save(fh, arr))
+        # the JSON is written last: a table without it (a crash in between) is never used
+        write_json(folder / f"{name}.json", {"shape": list(arr.shape), "dtype": str(arr.dtype),
+                                             "checksum": _checksum(arr), "hash": HASH,
+                                             "key": key})
+
+    def get(self, key: str, name: str, n: int, compute) -> np.ndarray:
+        """Table `name` of entry `key` with `n` rows; `compute()` builds it (an array of
+        `[n, *row_shape]` in this store's dtype, finite) when it is absent or untrustworthy."""
+        arr = self.load(key, name, n)
+        if arr is None:
+            with self.store.lock(f"{key}.{name}"):
+                arr = self.load(key, name, n)   # another job may have built it while we waited
+                if arr is None:
+                    if self.reporter:
+                        self.reporter.stage(f"teacher outputs: computing `{name}` once "
+                                            f"(store {key})")
+                    arr = compute()
+                    self.write(key, name, arr)
+                    self.built.append(name)
+        return arr
+
+
 class TeacherOutputs:
     def __init__(self, *, teacher, teacher_id: dict, data, row_shape: tuple[int, ...],
                  batch_size: int, data_seed: int, device: torch.device, autocast,
@@ -85,7 +143,8 @@ class TeacherOutputs:
         self.key = content_key({**common, "view": view})
         # val/test are never augmented: one entry per teacher x data, whatever the data_seed
         self.eval_key = content_key({**common, "view": "eval"})
-        self.store = Store(root, "outputs")
+        self.tables = TableStore(root, self.row_shape, dtype, reporter)
+        self.store = self.tables.store
         self.dir = self.store.path(self.key)
         self.built: list[str] = []   # tables this run had to compute (the rest were hits)
         self.served: list[str] = []
@@ -99,25 +158,7 @@ class TeacherOutputs:
         return rows * int(np.prod(row_shape)) * np.dtype(DTYPES[dtype]).itemsize
 
     # ---------------------------------------------------------------- tables
-    def _load(self, key: str, name: str, n: int) -> np.ndarray | None:
-        """The stored table, or None (absent, or not trustworthy: rebuilt by the caller)."""
-        folder = self.store.path(key)
-        meta = read_json(folder / f"{name}.json")
-        path = folder / f"{name}.npy"
-        if meta is None or not path.exists():
-            return None
-        try:
-            arr = np.load(path, mmap_mode="r")
-            problem = _problem(arr, meta, [n, *self.row_shape], str(np.dtype(DTYPES[self.dtype])))
-        except (ValueError, OSError, EOFError) as exc:   # truncated or not a .npy at all
-            problem = f"unreadable ({type(exc).__name__})"
-        if problem is not None:
-            if self.reporter:
-                self.reporter.stage(f"teacher outputs {key}/{name}: {problem}; rebuilding")
-            return None
-        return arr
-
-    def _compute(self, key: str, name: str, batches, n: int) -> np.ndarray:
+    def _compute(self, name: str, batches, n: int) -> np.ndarray:
         out = torch.zeros(n, *self.row_shape, dtype=torch.float32)
         raw_finite = True   # before quantising: tells a NaN teacher from a float16 overflow
         with torch.inference_mode():
@@ -134,26 +175,13 @@ class TeacherOutputs:
                         "another teacher, or prune its store entry")
             raise UserError(f"The teacher's outputs for `{name}` are non-finite for {bad} of "
                             f"{n} samples", "teacher", why)
-        folder = self.store.path(key)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(folder / f"{name}.npy", lambda fh: np.save(fh, arr))
-        # the JSON is written last: a table without it (a crash in between) is never used
-        write_json(folder / f"{name}.json", {"shape": list(arr.shape), "dtype": str(arr.dtype),
-                                             "checksum": _checksum(arr), "hash": HASH,
-                                             "key": key})
         return arr
 
     def table(self, key: str, name: str, batches_fn, n: int) -> torch.Tensor:
-        arr = self._load(key, name, n)
-        if arr is None:
-            with self.store.lock(f"{key}.{name}"):
-                arr = self._load(key, name, n)   # another job may have built it while we waited
-                if arr is None:
-                    if self.reporter:
-                        self.reporter.stage(f"teacher outputs: computing `{name}` once "
-                                            f"(store {key})")
-                    arr = self._compute(key, name, batches_fn(), n)
-                    self.built.append(name)
+        before = len(self.tables.built)
+        arr = self.tables.get(key, name, n, lambda: self._compute(name, batches_fn(), n))
+        if len(self.tables.built) > before:
+            self.built.append(name)
         self.served.append(name)
         return torch.from_numpy(np.array(arr, dtype=np.float32)).to(self.device)  # a copy
 
