@@ -1,5 +1,5 @@
 """The distilled-set file (data/distilled.py), `dataset=distilled`, and the set's grid PNG
-(tasks/dataset_distill/grid.py): real files, real digits, the real `distill` command."""
+(evaluation/image_grid.py): real files, real digits, the real `distill` command."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ from distill_cli import keys
 from distill_cli.config.build import build_data
 from distill_cli.data import distilled as D
 from distill_cli.errors import UserError
-from distill_cli.tasks.dataset_distill.grid import MIN_CELL, PAD, grid_tensor, save_grid
+from distill_cli.evaluation.image_grid import MIN_CELL, PAD, grid_tensor, save_grid
 
 from conftest import DIGITS, make_cfg
 

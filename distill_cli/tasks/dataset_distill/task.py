@@ -109,7 +109,7 @@ class DatasetDistillTask(Task):
         final sets, a dataset file (`distilled.pt` for best, `distilled_last.pt`) that
         `dataset=distilled dataset.path=...` trains on."""
         from distill_cli.data.distilled import save_distilled
-        from distill_cli.tasks.dataset_distill.grid import save_grid
+        from distill_cli.evaluation.image_grid import save_grid
 
         if not isinstance(model, SyntheticSet):
             return

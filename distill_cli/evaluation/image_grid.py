@@ -1,5 +1,6 @@
-"""The synthetic set as a picture: a class-by-IPC grid (row c = class c, column j = its j-th
-image), de-normalised to pixels and clipped to [0, 1].
+"""Images as one picture: a rows-by-columns grid, de-normalised to pixels and clipped to [0, 1]
+— a synthetic set (row = class, column = its j-th image) or a generator's samples (row = step
+count, column = a fixed noise).
 
 Small images are repeated (nearest neighbour) so each cell is at least `MIN_CELL` pixels along
 each side: an 8x8 digit becomes 32x32, a 1x40 signal a 32x40 strip. Cells are separated by
@@ -23,14 +24,14 @@ PAD = 2         # pixels between cells
 
 
 def grid_tensor(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                num_classes: int, ipc: int) -> torch.Tensor:
-    """float32 `[3, H', W']` in [0, 1] (what W&B's image logging takes); `images` are the set's
-    `[num_classes*ipc, C, H, W]` (or `[N, C, L]`) normalised images, class-ordered."""
+                rows: int, cols: int) -> torch.Tensor:
+    """float32 `[3, H', W']` in [0, 1] (what W&B's image logging takes); `images` are
+    `[rows*cols, C, H, W]` (or `[N, C, L]`) normalised images, row-major."""
     x = images.detach().to("cpu", torch.float32)
     if x.dim() == 3:                      # 1-D signals: one row of pixels each
         x = x.unsqueeze(2)
-    if x.dim() != 4 or x.shape[0] != num_classes * ipc:
-        raise ValueError(f"expected [num_classes*ipc={num_classes * ipc}, C, H, W] images, got "
+    if x.dim() != 4 or x.shape[0] != rows * cols:
+        raise ValueError(f"expected [rows*cols={rows * cols}, C, H, W] images, got "
                          f"{tuple(images.shape)}")
     c = x.shape[1]
     view = (1, c, 1, 1)
@@ -46,20 +47,20 @@ def grid_tensor(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
     h, w = x.shape[2] + PAD, x.shape[3] + PAD
     # make_grid's layout (PAD white pixels around every cell), also for a single image, which
     # make_grid would return unpadded
-    grid = torch.ones(3, num_classes * h + PAD, ipc * w + PAD)
-    cells = x.reshape(num_classes, ipc, 3, h - PAD, w - PAD)
-    for c in range(num_classes):
-        for j in range(ipc):
+    grid = torch.ones(3, rows * h + PAD, cols * w + PAD)
+    cells = x.reshape(rows, cols, 3, h - PAD, w - PAD)
+    for c in range(rows):
+        for j in range(cols):
             grid[:, PAD + c * h:(c + 1) * h, PAD + j * w:(j + 1) * w] = cells[c, j]
     return grid
 
 
 def save_grid(path, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-              num_classes: int, ipc: int) -> Path:
+              rows: int, cols: int) -> Path:
     """Write the grid as an RGB PNG at `path`, atomically; returns the path."""
     from PIL import Image
 
-    grid = grid_tensor(images, mean, std, num_classes, ipc)
+    grid = grid_tensor(images, mean, std, rows, cols)
     # torchvision's save_image rounding: x*255 + 0.5, truncated
     pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     buf = io.BytesIO()
