@@ -18,6 +18,7 @@ def join(*parts: str) -> str:
 
 # --------------------------------------------------------------------------- run bookkeeping
 TASK = "task"  # the kind of distillation (`task=`): which report columns and metrics apply
+SELECTION_METRIC = "selection_metric"   # the val metric that selected best.pt (the task's)
 STATUS = "status"  # running | interrupted | failed | diverged | finished (a search: scored |
 # trained); diverged: the loss or weights became nan/inf (trainer.on_nonfinite=stop)
 WALL_S = "wall_s"  # wall-clock seconds of the run, summed over resumed launches

@@ -67,6 +67,15 @@ class Task:
                             f"Pick a {self.name} loss, or task={objective.task_name} with what "
                             "it needs (its recipes show how)")
 
+    def stored_models(self) -> dict:
+        """Models this task needs from the teacher store besides the run's teacher, as teacher
+        nodes by name (the diffusion task's feature classifier for FD/KID). A node names the
+        task that trains it in `train.task`. Default: none."""
+        return {}
+
+    def use_stored(self, name: str, model, info: dict) -> None:
+        """Receives the frozen model `stored_models()[name]` describes, and where it came from."""
+
     def artifacts(self, model, run_dir, tag: str, data, logger, source: dict) -> None:
         """Files a run of this task leaves besides checkpoints, for the `start` model and the
         final `best` / `last` ones (a synthetic set's image grid and dataset file).

@@ -58,7 +58,9 @@ def teacher_description(node: DictConfig, data, precision: str) -> dict:
                                                "loss")},
                       # NHWC trains with other kernels (other last bits); named only when on,
                       # so the keys of every NCHW-trained teacher stay what they were
-                      **({"channels_last": True} if train.get("channels_last") else {})},
+                      **({"channels_last": True} if train.get("channels_last") else {}),
+                      # a model that another task trains (tasks/base.py stored_models)
+                      **({"task": train["task"]} if train.get("task") else {})},
             "precision": str(precision)}
 
 
@@ -79,7 +81,7 @@ def from_store(node: DictConfig, data, device, reporter, access: StoreAccess
                 meta = _train_into_store(node, data, store, key, desc, reporter, access)
     if hit:
         reporter.stage(f"teacher {node.arch}: reusing stored teacher {key} "
-                       f"(test acc1 {meta['test_acc1']:.2f}, trained {meta['created']})")
+                       f"({score_text(meta)}, trained {meta['created']})")
     best = store.path(key) / "checkpoints" / "best.pt"
     fix = (f"The stored teacher is damaged: remove it with `{prune_command(access.root, key)}` "
            "and run again (the store trains it anew)")
@@ -91,7 +93,7 @@ def from_store(node: DictConfig, data, device, reporter, access: StoreAccess
     if hit:
         verify_stored(model, best, meta, data, device, access.precision, fix)
     else:   # just scored by its own run's final evaluation: nothing to check on first reuse
-        _record_verified(best, float(meta["test_acc1"]))
+        _record_verified(best, meta.get("test_acc1"))
     return model, {keys.TEACHER_KEY: key, keys.TEACHER_SOURCE: "store",
                    keys.TEACHER_STORE_HIT: hit, keys.TEACHER_STORE_DIR: str(store.path(key))}
 
@@ -113,7 +115,14 @@ def verify_stored(model: nn.Module, best: Path, meta: dict, data, device, precis
     the pass is recorded next to it by hash, and hashing costs far less than a test pass."""
     digest = sha256_file(best)
     marker = best.parent.parent / VERIFIED_FILE
-    if (read_json(marker) or {}).get("best_sha256") == digest:
+    recorded = (read_json(marker) or {}).get("best_sha256")
+    if recorded == digest:
+        return
+    if meta.get("test_acc1") is None:   # not a classifier: its weights are checked by hash
+        if recorded is not None:
+            raise UserError(f"Stored teacher {meta['key']}: its weights ({best}) are not the ones "
+                            "that were stored (their SHA-256 changed)", "teacher", fix)
+        _record_verified(best, None, digest)
         return
     logits, targets = predict(model, data.test, 512, device, precision)
     n = len(targets)
@@ -129,7 +138,7 @@ def verify_stored(model: nn.Module, best: Path, meta: dict, data, device, precis
     _record_verified(best, acc, digest)
 
 
-def _record_verified(best: Path, acc: float, digest: str | None = None) -> None:
+def _record_verified(best: Path, acc: float | None, digest: str | None = None) -> None:
     try:
         write_json(best.parent.parent / VERIFIED_FILE, {
             "best_sha256": digest or sha256_file(best), "test_acc1": acc,
@@ -167,10 +176,27 @@ def _train_into_store(node: DictConfig, data, store: Store, key: str, desc: dict
             (run_dir / name).rename(staging / name)
     shutil.rmtree(run_dir, ignore_errors=True)  # whatever else a run leaves is not the entry
     meta = {"arch": desc["model"]["arch"], "model": desc["model"], "dataset": data.name,
-            "description": desc, "test_acc1": summary[keys.BEST_TEST_ACC1],
+            "description": desc, **test_record(summary),
             "val_acc1": summary.get(keys.BEST_VAL_ACC1), "wall_s": summary[keys.WALL_S],
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "git": summary[keys.GIT]}
     return store.publish(key, staging, meta)
+
+
+def test_record(summary: dict) -> dict:
+    """What a stored entry records of its run's test score: `test_acc1` for a classifier, and
+    for any task its selection metric (`score_name`: -FD for a generator, -NLL for an LM)."""
+    metric = summary.get(keys.SELECTION_METRIC, "acc1")
+    out = {"score_name": metric, "test_score": summary[keys.join(keys.BEST_TEST, metric)]}
+    if keys.BEST_TEST_ACC1 in summary:
+        out["test_acc1"] = summary[keys.BEST_TEST_ACC1]
+    return out
+
+
+def score_text(meta: dict) -> str:
+    """An entry's test score for a message or a table ("test acc1 89.83")."""
+    if "test_score" not in meta:   # entries written before `test_score`
+        return f"test acc1 {meta['test_acc1']:.2f}"
+    return f"test {meta.get('score_name', 'acc1')} {meta['test_score']:.4g}"
 
 
 def _continue_build(node: DictConfig, staging: Path, key: str, reporter,

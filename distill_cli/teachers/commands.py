@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from distill_cli.errors import UserError
+from distill_cli.teachers.build import score_text
 from distill_cli.teachers.store import Store, prune_command
 
 
@@ -23,13 +24,13 @@ def list_stored(root: str | Path):
 
     store = _open(root)
     table = Table(title=f"teacher store: {store.dir}")
-    for col in ("key", "arch", "dataset", "test acc1", "epochs", "seed", "size", "created"):
-        table.add_column(col, justify="right" if col in ("test acc1", "size") else "left")
+    for col in ("key", "arch", "dataset", "test score", "epochs", "seed", "size", "created"):
+        table.add_column(col, justify="right" if col in ("test score", "size") else "left")
     entries = sorted(store.entries(), key=lambda m: m["created"])
     for m in entries:
         desc = m["description"]
         train = desc.get("train") if isinstance(desc.get("train"), dict) else {}
-        table.add_row(m["key"], m["arch"], m["dataset"], f"{m['test_acc1']:.2f}",
+        table.add_row(m["key"], m["arch"], m["dataset"], score_text(m).removeprefix("test "),
                       str(train.get("epochs", "")), str(desc.get("seed", "")),
                       f"{m['size_bytes'] / 2**20:.1f} MiB", m["created"])
     broken = store.broken()

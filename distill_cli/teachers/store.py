@@ -51,13 +51,16 @@ def teacher_entry_problem(meta) -> str | None:
     if not isinstance(meta, dict):
         return f"entry.json holds a {type(meta).__name__}, not the entry's metadata"
     kinds = {"key": str, "arch": str, "dataset": str, "created": str, "size_bytes": int,
-             "description": dict, "test_acc1": (int, float)}
+             "description": dict}
+    # the test record: `test_score` (any task's selection metric) or, before it, `test_acc1`
+    kinds["test_score" if "test_score" in meta else "test_acc1"] = (int, float)
     bad = [k for k, kind in kinds.items()
            if not isinstance(meta.get(k), kind) or isinstance(meta.get(k), bool)]
     if bad:
         return f"entry.json lacks or mangles {', '.join(bad)}"
-    if not math.isfinite(meta["test_acc1"]):
-        return f"entry.json records test_acc1={meta['test_acc1']}"
+    for k in ("test_score", "test_acc1"):
+        if k in meta and not (isinstance(meta[k], (int, float)) and math.isfinite(meta[k])):
+            return f"entry.json records {k}={meta[k]}"
     return None
 
 

@@ -39,6 +39,7 @@ from distill_cli.training.engine import Diverged, Engine, RunSinks
 from distill_cli.training.distributed import World, init_world
 from distill_cli.training.plan import checked_plan, pick_device, validate
 from distill_cli.training.settings import TrainerSettings
+from distill_cli.teachers.resolve import resolve_teacher
 from distill_cli.training.teacher_runs import store_access
 from distill_cli.training.threads import apply_thread_budget
 from distill_cli.training.teacher_setup import (choose_topology, optimizer_and_schedule,
@@ -136,6 +137,11 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
     teacher, pool, teacher_info = teacher_models(cfg, objective, teacher_data, device,
                                                  console(0),
                                                  store_access(cfg, teacher_data, tty, run))
+    for name, node in task.stored_models().items():   # e.g. the diffusion task's classifier
+        model, info = resolve_teacher(node, teacher_data, device, console(0),
+                                      store_access(cfg, teacher_data, tty, run))
+        task.use_stored(name, model, info)
+        teacher_info.update({keys.join(name, k): v for k, v in info.items()})
     if world.is_main:
         world.barrier()
     teachers = [model for _, model, _ in pool]
@@ -161,7 +167,8 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
                           name=str(run_dir), group=group,
                           run_id=resumed.get(keys.WANDB_ID) if continuing and resumed else None
                           ) if world.is_main else NullLogger()
-    summary = {keys.STATUS: "running", keys.TASK: task.name, keys.SEED: int(cfg.seed),
+    summary = {keys.STATUS: "running", keys.TASK: task.name,
+               keys.SELECTION_METRIC: task.selection_metric, keys.SEED: int(cfg.seed),
                keys.OVERRIDES: overrides,
                keys.GIT: checkpoint.git_revision(), keys.RUN_DIR: str(run_dir),
                keys.DATASET: data.name, keys.STUDENT: cfg.student.arch,

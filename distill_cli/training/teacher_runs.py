@@ -22,12 +22,15 @@ def teacher_run_config(cfg: DictConfig, node: DictConfig | None = None) -> DictC
         c["teacher"] = OmegaConf.to_container(node, resolve=True)
     teacher, train = c["teacher"], c["teacher"]["train"]
     c["student"] = {k: v for k, v in teacher.items() if k not in TEACHER_SOURCE_KEYS}
-    c["teacher"] = {**{k: teacher[k] for k in TEACHER_SOURCE_KEYS if k in teacher},
+    # (a node of a task's own stored model, the diffusion task's classifier, has no outputs keys)
+    c["teacher"] = {"outputs": "auto", "outputs_dtype": "float32",
+                    **{k: teacher[k] for k in TEACHER_SOURCE_KEYS if k in teacher},
                     "_target_": None, "arch": None, "checkpoint": None}
     # data order and augmentation follow the teacher's seed too: with the student's `data_seed`
     # the stored teacher would depend on which job of a sweep happened to build it
     # a task whose teachers are another task's models (dataset distillation: classifiers) names it
-    c["task"] = c["task"].get("teacher_task") or c["task"]
+    # and a model a task needs from the store names its own (`train.task`: a classifier for FD)
+    c["task"] = train.get("task") or c["task"].get("teacher_task") or c["task"]
     c.update(loss=train["loss"], optimizer=train["optimizer"], scheduler=train["scheduler"],
              seed=teacher["seed"], data_seed=teacher["seed"],
              logger={"_target_": "distill_cli.reporting.tracking.NullLogger", "_partial_": True},
