@@ -16,10 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch/torchvision come from this machine's disk (pip's find-links); pinning them first
 	# keeps pip from resolving a multi-GB download.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,sweep,slurm,export,lm]'
+	$(PY) -m pip install -q -e '.[dev,sweep,slurm,export,lm,diffusion]'
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv with torch 2.14.1 and distill_cli[dev,sweep,slurm,export,lm]
+install: $(VENV)/.installed  ## create .venv with torch 2.14.1 and distill_cli[dev,sweep,slurm,export,lm,diffusion]
 
 data: install  ## make Fashion-MNIST available (local, Debian package, or torchvision download); the Debian text corpora when root
 	$(PY) -m distill_cli.data.fetch fashion_mnist
