@@ -48,6 +48,9 @@ def test_every_zoo_option_builds_as_student_and_teacher(arch, fake_data):
     for group in ("student", "teacher"):
         cfg = make_cfg([f"{group}={arch}"])
         model = build.build_model(cfg[group], group, fake_data)
+        if cfg[group].arch in ("unet", "dit"):   # a denoiser: an image-shaped prediction
+            assert model(torch.zeros(2, 3, 32, 32), torch.rand(2)).shape == (2, 3, 32, 32)
+            continue
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
 
 
@@ -91,6 +94,8 @@ def test_every_loss_option(loss):
         pytest.skip("a dataset-distillation objective: tests/test_dd_task.py builds each one")
     if node._target_.startswith("distill_cli.tasks.lm."):
         pytest.skip("a language-model objective on [B, T, V]: tests/test_lm_objectives.py")
+    if node._target_.startswith("distill_cli.tasks.diffusion."):
+        pytest.skip("a diffusion objective on denoisers: tests/test_diffusion_task.py runs each")
     objective = build.build_objective(node)
     assert isinstance(objective, Objective)
     if not isinstance(objective, StepObjective):

@@ -15,8 +15,10 @@ from distill_cli.models.cost import count_params as n_params
 
 CONF = Path(CONF_DIR) / "student"
 TOKEN_ARCHS = {"vit_tiny", "mixer"}  # stages are [B, N, D] tokens: tests/test_models_hetero.py
+DIFFUSION_ARCHS = {"unet", "dit"}    # denoisers (x_t, t, y) -> x-shaped: tests/test_diffusion_*
 IMAGE_ARCHS = sorted(a for a, b in ARCHS.items()
-                     if b.input_dims == 2 and a != "tv" and a not in TOKEN_ARCHS)
+                     if b.input_dims == 2 and a != "tv" and a not in TOKEN_ARCHS
+                     and a not in DIFFUSION_ARCHS)
 ALL_ZOO = sorted(a for a in ARCHS if a != "tv")
 # (in_channels, size, num_classes): sklearn digits, Fashion-MNIST, CIFAR-100
 IMAGE_CASES = [(1, 8, 10), (1, 28, 10), (3, 32, 100)]
@@ -232,6 +234,11 @@ def test_student_configs_instantiate(cfg_file):
     if cfg.arch == "gpt":  # a language model: ids [B, T] -> [B, T, V] (tests/test_gpt.py)
         model = instantiate(cfg, num_classes=10, in_channels=1, input_size=[8])
         assert model(torch.randint(0, 10, (2, 8))).shape == (2, 8, 10)
+        return
+    if cfg.arch in DIFFUSION_ARCHS:   # a denoiser: the prediction has the image's shape
+        model = instantiate(cfg, num_classes=10, in_channels=1, input_size=[8, 8])
+        x = torch.randn(2, 1, 8, 8)
+        assert model(x, torch.rand(2)).shape == x.shape
         return
     shape = (40,) if cfg.arch == "cnn1d" else (8, 8)
     model = instantiate(cfg, num_classes=10, in_channels=1, input_size=list(shape))

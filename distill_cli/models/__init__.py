@@ -12,5 +12,6 @@ from distill_cli.models import (  # noqa: E402,F401  isort: skip
     cnn, cnn1d, convnet, gpt, mixer, mlp, mobilenetv2, resnet18_cifar, resnet_cifar, shufflenetv1,
     shufflenetv2, tv, vgg, vit, wrn,
 )
+from distill_cli.models.diffusion import dit, unet  # noqa: E402,F401  isort: skip
 
 __all__ = ["ARCHS", "ClassifierInput", "FeatureTaps", "create", "prepool_path", "register"]

@@ -1,0 +1,1 @@
+"""Diffusion / flow models: noise processes, the `Denoiser` wrapper, samplers and backbones."""
