@@ -25,6 +25,9 @@ from distill_cli.reporting.tracking import make_console
 from distill_cli.io import read_json
 from distill_cli.tasks.classification.columns import REPORT_COLUMNS
 from distill_cli.tasks.dataset_distill.columns import REPORT_COLUMNS as SET_COLUMNS
+from distill_cli.tasks.diffusion.columns import MAIN_METRIC as GEN_METRIC
+from distill_cli.tasks.diffusion.columns import REPORT_COLUMNS as GEN_COLUMNS
+from distill_cli.tasks.diffusion.columns import STEP_KEY
 from distill_cli.tasks.lm.columns import REPORT_COLUMNS as LM_COLUMNS
 
 MAIN_METRIC = keys.BEST_TEST_ACC1
@@ -34,18 +37,22 @@ IDENTITY = (keys.DATASET, keys.STUDENT, keys.TEACHER_ARCH, keys.LOSS)
 # Overrides naming a location, not a configuration: they differ per job (a per-seed teacher
 # checkpoint, hydra.run.dir, trainer.resume) and must neither split a group nor label it.
 _PATH_KEY = re.compile(r"(^|[._])(dir|path|root|file|checkpoint|resume)$")
-_LOWER_IS_BETTER = ("ece", "nll", "wall", "ppl", "token_kl")
+_LOWER_IS_BETTER = ("ece", "nll", "wall", "ppl", "token_kl", "/fd", "/kid")
 _TEXT = ("config", keys.STATUS)
 # column headers: the task's (one home for them); a column not named there shows its key
-SHORT = {**REPORT_COLUMNS, **SET_COLUMNS, **LM_COLUMNS, "best/test/acc1": "best acc1"}
+SHORT = {**REPORT_COLUMNS, **SET_COLUMNS, **LM_COLUMNS, **GEN_COLUMNS,
+         "best/test/acc1": "best acc1"}
 ALIASES = {"best": keys.BEST_TEST_ACC1, "last": keys.LAST_TEST_ACC1, "ece": keys.BEST_TEST_ECE,
            "teacher": keys.TEACHER_TEST_ACC1, "wall": keys.WALL_S,
            "pgd": keys.BEST_TEST_PGD_ACC1}
 # reported as mean ± std when any run has them (robust accuracy: `eval.pgd.steps > 0`)
 # and the spread over a dataset-distillation run's evaluation networks
 # and a language model's perplexity, agreement with and token KL to its teacher
+# and a generator's sample quality: FD at its own steps and at each step count, KID, recall,
+# class coverage and accuracy
 OPTIONAL = (keys.BEST_TEST_PGD_ACC1, keys.BEST_TEST_MODEL_STD, "best/test/ppl",
-            "best/test/agreement", "best/test/token_kl")
+            "best/test/agreement", "best/test/token_kl",
+            *(k for k in GEN_COLUMNS if k != keys.WALL_S))
 
 
 @dataclass
@@ -188,13 +195,21 @@ def _baseline(g: Group, groups: list[Group]) -> Group | None:
     return top[0] if len(top) == 1 else None
 
 
+def step_keys(groups: list[Group]) -> list[str]:
+    """A generator's FD per step count (`best/test/fd@<steps>`), fewest steps first."""
+    found = {k for g in groups for r in g.finished for k in r.summary if STEP_KEY.match(k)}
+    return sorted(found, key=lambda k: int(STEP_KEY.match(k).group(1)))
+
+
 def summarize(groups: list[Group], metric: str = MAIN_METRIC) -> list[dict]:
     """One dict per group; numbers at full precision, None where there is no value."""
     rows = []
+    steps = step_keys(groups)
     for g in groups:
         fin = g.finished
         row = {"config": g.label, **{k: g.info(k) for k in IDENTITY}, "n": len(fin)}
-        for key in dict.fromkeys([metric, keys.BEST_TEST_ACC1, keys.LAST_TEST_ACC1, *OPTIONAL]):
+        for key in dict.fromkeys([metric, keys.BEST_TEST_ACC1, keys.LAST_TEST_ACC1, *OPTIONAL,
+                                  *steps]):
             v = _values(fin, key)
             row[key] = statistics.mean(v) if v else None
             row[key + "_std"] = statistics.stdev(v) if len(v) > 1 else None
@@ -231,7 +246,10 @@ def sort_rows(rows: list[dict], column: str, reverse: bool = False) -> list[dict
 
 # --------------------------------------------------------------------------- output
 def _columns(metric: str, rows: list[dict]) -> list[str]:
-    optional = [k for k in OPTIONAL if any(r.get(k) is not None for r in rows)]
+    optional = [k for k in (*OPTIONAL, *sorted(
+        {k for r in rows for k in r if STEP_KEY.match(k) and not k.endswith("_std")},
+        key=lambda k: int(STEP_KEY.match(k).group(1))))
+        if any(r.get(k) is not None for r in rows)]
     return ["config", "n", *dict.fromkeys([metric, keys.BEST_TEST_ACC1, keys.LAST_TEST_ACC1,
                                            *optional]),
             keys.BEST_TEST_ECE, keys.GAIN, keys.TEACHER_TEST_ACC1, keys.WALL_S, keys.STATUS]
@@ -248,7 +266,8 @@ def _cell(row: dict, key: str) -> str:
     if key == keys.WALL_S:
         return f"{v:.0f}"
     std = row.get(key + "_std")
-    return f"{v:.2f} ± {std:.2f}" if std is not None else f"{v:.2f}"
+    digits = 4 if "/kid" in key else 2   # KID is small (thousandths) in classifier features
+    return f"{v:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{v:.{digits}f}"
 
 
 def render(rows: list[dict], fmt: str, metric: str = MAIN_METRIC) -> str:
@@ -322,6 +341,9 @@ def report(paths, metric: str = MAIN_METRIC, sort: str | None = None, reverse: b
         raise UserError("no run found under " + ", ".join(map(str, paths)), fix="Pass a "
                         "sweep dir (multirun/<date>/<time>) or run dirs holding summary.json")
     finished = [r for r in runs if r.status == "finished"]
+    if metric == MAIN_METRIC and finished and all(
+            r.summary.get(keys.TASK) == "diffusion" for r in finished):
+        metric = GEN_METRIC   # a generator has no accuracy: ranked by FD (lower is better)
     if finished and not _values(finished, metric):
         numeric = sorted({k for r in finished for k, v in r.summary.items() if _num(v)})
         raise UserError(f"--metric {metric}: no finished run has it",

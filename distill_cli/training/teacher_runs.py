@@ -51,7 +51,8 @@ def teacher_run_config(cfg: DictConfig, node: DictConfig | None = None) -> DictC
 # where teacher_run_config took the teacher run's keys from: the keys the user can change
 _TEACHER_KEYS = {"optimizer.": "teacher.train.optimizer.", "scheduler.": "teacher.train.scheduler.",
                  "loss.": "teacher.train.loss.", "trainer.epochs": "teacher.train.epochs",
-                 "trainer.batch_size": "teacher.train.batch_size"}
+                 "trainer.batch_size": "teacher.train.batch_size",
+                 "student": "teacher"}   # the teacher run's student IS the user's teacher
 
 
 def _in_teacher_terms(err: UserError) -> UserError:

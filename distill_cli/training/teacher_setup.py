@@ -17,6 +17,7 @@ from distill_cli.losses.base import OnlineObjective, PoolObjective
 from distill_cli.teachers.build import StoreAccess
 from distill_cli.teachers.outputs import OutputSettings, outputs_for_pool, outputs_for_run
 from distill_cli.teachers.pool import resolve_pool
+from distill_cli.teachers.pairs import teacher_pairs
 from distill_cli.teachers.resolve import resolve_teacher
 from distill_cli.teachers.topology import (FrozenTeacher, OnlineTeacher, TeacherPool,
                                            TeacherSignal)
@@ -74,6 +75,10 @@ def choose_topology(cfg: DictConfig, *, task, objective, teacher, pool: list, te
             cfg.loss.get("teacher_scheduler", cfg.scheduler), list(teacher.parameters()),
             steps_per_epoch, int(cfg.trainer.epochs))
         return OnlineTeacher(teacher, optimizer, scheduler, **common)
+    if getattr(objective, "pairs_options", None) is not None:
+        # a diffusion teacher's (noise, ODE endpoint) pairs, sampled once into the output store
+        objective.use_pairs(teacher_pairs(teacher, data, store_root=stored.root,
+                                          **objective.pairs_options))
     outputs = outputs_for_run(stored, objective, teacher, cfg.teacher, teacher_info, data, device,
                               reporter, mix, row)
     return FrozenTeacher(teacher, outputs, dtype, feeds_training=objective.needs_teacher,

@@ -1,0 +1,1 @@
+"""Diffusion and flow step distillation (task=diffusion): the task, stored pairs, objectives."""
