@@ -646,3 +646,15 @@ def test_each_yaml_builds_and_trains_one_step(name, cls, tmp_path):
     terms["loss"].backward()
     assert torch.isfinite(terms["loss"]) and student.net.out.weight.grad is not None
     obj.after_step(terms, ctx(0, 64))
+
+
+def test_progressive_starts_from_the_teachers_own_step_count_by_default():
+    teacher = denoiser(TinyNet())
+    teacher.steps = 8
+    obj = Progressive()
+    obj.bind(denoiser(TinyNet()), teacher, None)
+    assert (obj.start_steps, obj.rounds) == (8, 3)
+    teacher.steps = 6   # not a power of two: refused, naming the key that set it
+    with pytest.raises(UserError) as err:
+        Progressive().bind(denoiser(TinyNet()), teacher, None)
+    assert err.value.key == "task.steps"

@@ -88,19 +88,13 @@ class Progressive(StepObjective):
     task_name = "diffusion"
     batch_coupling = None
 
-    def __init__(self, start_steps: int = 64, end_steps: int = 1, steps_per_round="auto",
-                 param: str = "v", weighting: str = "snr_trunc"):
+    def __init__(self, start_steps: int | None = None, end_steps: int = 1,
+                 steps_per_round="auto", param: str = "v", weighting: str = "snr_trunc"):
         super().__init__()
-        start = positive_int(start_steps, "loss.start_steps")
-        end = positive_int(end_steps, "loss.end_steps")
-        if not (start > end and start % end == 0 and power_of_two(start // end)):
-            raise UserError(
-                f"progressive distillation halves the step count each round, so start_steps/"
-                f"end_steps must be a power of two >= 2; got {start}/{end}", "loss.start_steps",
-                "Use powers of two, e.g. loss.start_steps=64 loss.end_steps=1 (PD: 8192 -> 1 "
-                "on CIFAR-10, 1024 -> 1 on ImageNet 64)")
-        self.start_steps, self.end_steps = start, end
-        self.rounds = (start // end).bit_length() - 1   # log2 of a power of two
+        self.end_steps = positive_int(end_steps, "loss.end_steps")
+        self.start_steps = self.rounds = None
+        if start_steps is not None:   # else the teacher's own step count, read in bind
+            self._set_start(positive_int(start_steps, "loss.start_steps"), "loss.start_steps")
         if steps_per_round != "auto":
             steps_per_round = positive_int(steps_per_round, "loss.steps_per_round")
         self.steps_per_round = steps_per_round
@@ -116,10 +110,23 @@ class Progressive(StepObjective):
         self.snapshot: nn.Module | None = None
         self._round_host: int | None = None   # `round` mirrored on the host (no sync per step)
 
+    def _set_start(self, start: int, key: str) -> None:
+        end = self.end_steps
+        if not (start > end and start % end == 0 and power_of_two(start // end)):
+            raise UserError(
+                f"progressive distillation halves the step count each round, so start_steps/"
+                f"end_steps must be a power of two >= 2; got {start}/{end}", key,
+                "Use powers of two, e.g. loss.start_steps=64 loss.end_steps=1 (PD: 8192 -> 1 "
+                "on CIFAR-10, 1024 -> 1 on ImageNet 64)")
+        self.start_steps = start
+        self.rounds = (start // end).bit_length() - 1   # log2 of a power of two
+
     # ---- setup ------------------------------------------------------------------------------
     def bind(self, student, teacher, data) -> None:
         model = check_denoiser(student, "student", "progressive")
         teacher = check_denoiser(teacher, "teacher", "progressive")
+        if self.start_steps is None:   # round 0 distils the teacher's own sampler
+            self._set_start(int(teacher.steps), "task.steps")
         copy_teacher_weights(model, teacher, "progressive")
         # evaluated (validation selects best.pt) at the FINAL step count in every round, so
         # best is never an early round's student judged with more steps than it ends with
