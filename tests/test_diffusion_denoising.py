@@ -16,6 +16,7 @@ from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext
 from distill_cli.models.diffusion.denoiser import Denoiser
 from distill_cli.models.diffusion.noise import build_process
+from distill_cli.tasks.diffusion.methods.common import SampleDraws
 from distill_cli.tasks.diffusion.methods.denoising import Denoising
 
 D = torch.float64
@@ -55,13 +56,17 @@ def model(process, param, conditional=False):
     return Denoiser(Net(), process=process, param=param, num_classes=10, conditional=conditional)
 
 
+def replay(obj: Denoising, b: Batch, ctx: StepContext = CTX) -> SampleDraws:
+    """The objective's per-sample draws of step ctx.step, made again (its documented order)."""
+    return SampleDraws(int(obj.noise_seed), ctx.step, b.index, "cpu")
+
+
 @torch.no_grad()
-def reference(m: Denoiser, b: Batch, weighting: str, seed: int) -> float:
-    """The loss in float64 from the same draws (u ~ U[0,1), eps ~ N(0, I), default RNG)."""
+def reference(m: Denoiser, b: Batch, weighting: str, draws: SampleDraws) -> float:
+    """The loss in float64 from the same draws (u ~ U[0,1), then eps ~ N(0, I), per sample)."""
     proc = m.process
-    torch.manual_seed(seed)
-    u = torch.rand(b.x.shape[0]).double()
-    eps = torch.randn(b.x.shape).double()
+    u = draws.uniform()
+    eps = draws.normal(*b.x.shape[1:]).double()
     x = b.x.double()
     t = proc.t_max - (proc.t_max - proc.t_min) * u
     t = t.float().double()                         # the objective's t is float32
@@ -108,11 +113,11 @@ def reference(m: Denoiser, b: Batch, weighting: str, seed: int) -> float:
 def test_loss_matches_the_float64_reference(process, param, weighting):
     m, b = model(process, param), batch()
     obj = Denoising(weighting=weighting)
-    obj.bind(m, None, None)
     torch.manual_seed(7)
+    obj.bind(m, None, None)
     terms = obj.step_terms(m, None, b, CTX)
     assert set(terms) == {"loss", "mse_x", "mse"}
-    want = reference(m, b, weighting, 7)
+    want = reference(m, b, weighting, replay(obj, b))
     got = float(terms["loss"].detach())
     assert math.isclose(got, want, rel_tol=2e-5), (got, want)
     terms["loss"].backward()
@@ -123,8 +128,7 @@ def test_edm_weighting_is_the_uniform_loss_on_f():
     """lambda(sigma) c_out^2 = 1: for the edm param the two weightings agree."""
     m, b = model("edm", "edm"), batch(n=32)
     losses = []
-    for weighting in ("edm", "uniform"):
-        torch.manual_seed(3)
+    for weighting in ("edm", "uniform"):   # unbound: both keep noise_seed 0, the same draws
         terms = Denoising(weighting=weighting).step_terms(m, None, b, CTX)
         losses.append(float(terms["loss"].detach()))
     assert math.isclose(*losses, rel_tol=1e-4)
@@ -144,8 +148,7 @@ def test_lognormal_times_follow_edm(process):
     """ln sigma(t) ~ N(-1.2, 1.2^2), clamped to the process's range."""
     proc = build_process(process)
     obj = Denoising(time_sampling="lognormal")
-    torch.manual_seed(0)
-    t = obj.sample_times(proc, 40000, "cpu")
+    t = obj.sample_times(proc, SampleDraws(0, 0, torch.arange(20000), "cpu"))
     assert t.dtype == torch.float32
     assert float(t.min()) >= proc.t_min and float(t.max()) <= proc.t_max
     log_sigma = torch.log(proc.sigma(t.double()))
@@ -154,8 +157,7 @@ def test_lognormal_times_follow_edm(process):
 
 def test_uniform_times_never_hit_the_data_end():
     proc = build_process("flow")
-    torch.manual_seed(0)
-    t = Denoising().sample_times(proc, 100000, "cpu")
+    t = Denoising().sample_times(proc, SampleDraws(0, 0, torch.arange(20000), "cpu"))
     assert float(t.min()) > 0 and float(t.max()) <= 1
     assert abs(float(t.mean()) - 0.5) < 0.01
 
@@ -164,7 +166,6 @@ def test_label_dropout_rate_and_null_label():
     m, n = model("vp_cosine", "v", conditional=True), 20000
     b = Batch(index=torch.arange(n), x=torch.zeros(n, 2, 4, 4),
               y=torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(0)))
-    torch.manual_seed(0)
     Denoising(label_dropout=0.3).step_terms(m, None, b, CTX)
     seen = m.net.seen[-1]
     dropped = seen == m.null_label
@@ -177,15 +178,62 @@ def test_label_dropout_rate_and_null_label():
     assert unconditional.net.seen[-1] is None
 
 
-def test_draws_come_from_the_default_rng():
+def test_draws_are_a_function_of_seed_step_and_sample_not_of_the_default_rng():
+    """The loss of a step does not depend on the default RNG (which every torchrun rank seeds
+    alike) but on the bound seed and the step; bind draws the seed from the default RNG."""
     m, b = model("vp_cosine", "v"), batch()
     obj = Denoising()
     torch.manual_seed(11)
+    obj.bind(m, None, None)
+    assert "noise_seed" in obj.state_dict() and list(obj.parameters()) == []
+    torch.manual_seed(1)
     first = obj.step_terms(m, None, b, CTX)["loss"]
-    torch.manual_seed(11)
+    torch.manual_seed(2)
     again = obj.step_terms(m, None, b, CTX)["loss"]
-    other = obj.step_terms(m, None, b, CTX)["loss"]
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    later = obj.step_terms(m, None, b, StepContext(1, 1, 1, 2))["loss"]
+    assert torch.equal(first, again) and not torch.equal(first, later)
+    twin, other = Denoising(), Denoising()
+    torch.manual_seed(11)
+    twin.bind(m, None, None)
+    torch.manual_seed(12)
+    other.bind(m, None, None)
+    assert int(twin.noise_seed) == int(obj.noise_seed) != int(other.noise_seed)
+    assert not torch.equal(first, other.step_terms(m, None, b, CTX)["loss"])
+
+
+def test_a_batch_split_in_slices_draws_what_the_whole_batch_draws():
+    """What two torchrun ranks compute: each half of the global batch (its indices kept) gives
+    the per-sample terms the whole batch gives, so the mean of the halves' losses is the
+    batch's loss (label dropout included)."""
+    m = model("vp_cosine", "v", conditional=True)
+    b = batch(n=8)
+    obj = Denoising(label_dropout=0.5)
+    torch.manual_seed(0)
+    obj.bind(m, None, None)
+    whole = obj.step_terms(m, None, b, CTX)["loss"]
+    seen_whole = m.net.seen[-1]
+    halves, seen = [], []
+    for part in (slice(0, 4), slice(4, 8)):
+        halves.append(obj.step_terms(m, None, Batch(*(t[part] for t in b)), CTX)["loss"])
+        seen.append(m.net.seen[-1])
+    assert torch.equal(torch.cat(seen), seen_whole)          # the same labels dropped
+    assert (seen_whole == m.null_label).any() and (seen_whole != m.null_label).any()
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, whole, rtol=1e-6, atol=0)
+
+
+def test_a_loaded_state_continues_with_the_stored_seed():
+    """Resume: load_state_dict replaces the seed bind drew (and the one a step cached)."""
+    m, b = model("vp_cosine", "v"), batch()
+    torch.manual_seed(3)
+    obj = Denoising()
+    obj.bind(m, None, None)
+    want = obj.step_terms(m, None, b, CTX)["loss"]
+    fresh = Denoising()
+    torch.manual_seed(4)
+    fresh.bind(m, None, None)
+    assert not torch.equal(fresh.step_terms(m, None, b, CTX)["loss"], want)   # seed cached
+    fresh.load_state_dict(obj.state_dict())
+    assert torch.equal(fresh.step_terms(m, None, b, CTX)["loss"], want)
 
 
 def test_objective_contract():

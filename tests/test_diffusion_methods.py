@@ -5,7 +5,8 @@ Every loss is checked against a float64 reference written HERE from the papers' 
 references call only the tiny backbones below (real nn.Modules obeying the backbone contract
 net(x, time, y)) and compute a(t), s(t), the parameterisations, Heun steps and distances
 themselves; the objectives run the same backbones inside real Denoisers. Random draws are
-replayed from the same seed in the order each objective documents. Identities (a DDIM target
+replayed with the same per-sample `SampleDraws` (the objective's noise_seed, the step, the
+batch's indices) in the order each objective documents. Identities (a DDIM target
 that lands on the teacher's two steps, the consistency boundary, CT = CD with a clean-x teacher,
 a straight coupling's zero loss), round switching, the EMA update, state_dict round trips and
 the UserErrors complete the file."""
@@ -25,6 +26,7 @@ from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext
 from distill_cli.models.diffusion.denoiser import Denoiser
 from distill_cli.models.diffusion.samplers import sample
+from distill_cli.tasks.diffusion.methods.common import SampleDraws
 from distill_cli.tasks.diffusion.methods.consistency import (
     ConsistencyDistillation,
     ConsistencyTraining,
@@ -134,6 +136,11 @@ def ctx(step=0, total=10):
     return StepContext(epoch=1, step=step, steps_per_epoch=total, total_steps=total)
 
 
+def replay(obj, b, c) -> SampleDraws:
+    """The objective's per-sample draws of step c.step, made again for the reference."""
+    return SampleDraws(int(obj.noise_seed), c.step, b.index, "cpu")
+
+
 def mean_dims(v):
     return v.flatten(1).mean(1)
 
@@ -151,6 +158,76 @@ class MemoryPairs:
 
     def get(self, index):
         return self.noise[index.cpu()].to(index.device), self.endpoint[index.cpu()].to(index.device)
+
+
+# ---------------------------------------------------------------------------- per-sample draws
+def test_sample_draws_are_a_function_of_seed_step_and_index_only():
+    """A slice of the indices draws exactly the rows the whole batch draws for them (what a
+    torchrun rank holding that slice draws); successive calls continue each sample's stream;
+    the seed and the step change the draws; the default RNG is neither read nor advanced."""
+    index = torch.tensor([7, 3, 120, 0, 55, 9])
+
+    def draw(seed, step, idx):
+        d = SampleDraws(seed, step, idx, "cpu")
+        return d.normal(2, 3), d.uniform(), d.integers(1000), d.normal()
+
+    before = torch.get_rng_state()
+    whole = draw(5, 2, index)
+    assert torch.equal(torch.get_rng_state(), before)
+    shapes = [tuple(v.shape) for v in whole]
+    assert shapes == [(6, 2, 3), (6,), (6,), (6,)]
+    assert [v.dtype for v in whole] == [torch.float32, torch.float64, torch.int64,
+                                        torch.float32]
+    for part in (slice(0, 3), slice(3, 6), slice(2, 3)):
+        for w, p in zip(whole, draw(5, 2, index[part])):
+            assert torch.equal(w[part], p)
+    shuffled = torch.tensor([4, 0, 5])          # order within the batch does not matter
+    for w, p in zip(whole, draw(5, 2, index[shuffled])):
+        assert torch.equal(w[shuffled], p)
+    torch.manual_seed(123)                      # nor does the default RNG's state
+    assert all(torch.equal(w, p) for w, p in zip(whole, draw(5, 2, index)))
+    for other in (draw(6, 2, index), draw(5, 3, index)):
+        assert not torch.equal(whole[0], other[0]) and not torch.equal(whole[1], other[1])
+    d = SampleDraws(5, 2, index, "cpu")
+    assert not torch.equal(d.normal(2, 3), d.normal(2, 3))   # a stream, not a replay
+    assert (whole[2] >= 0).all() and (whole[2] < 1000).all()
+    assert ((whole[1] >= 0) & (whole[1] < 1)).all()
+    assert SampleDraws(5, 2, index[:0], "cpu").normal(2, 3).shape == (0, 2, 3)
+
+
+def bound(method):
+    """A bound objective of each method that draws noise, and its models (no dropout)."""
+    if method == "progressive":
+        obj, student, teacher = bound_progressive()
+        return obj, student, teacher, ctx(0, 9)
+    if method == "consistency":
+        teacher = denoiser(TinyNet(), process="edm", param="edm").eval()
+        student = denoiser(TinyNet())
+        obj = ConsistencyDistillation(scales=6, mu=0.5)
+        torch.manual_seed(0)
+        obj.bind(student, teacher, None)
+        perturb(student)
+        return obj, student, teacher, ctx()
+    obj, student = bound_reflow(k=4, x0_randomness="fix_0.5")
+    return obj, student, None, ctx(3, 20)
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency", "reflow"])
+def test_a_batch_split_in_slices_computes_the_batch_loss(method):
+    """What torchrun ranks compute: the slices of a global batch (indices kept), weighted by
+    their sizes, give the whole batch's loss, because each sample draws its own noise."""
+    obj, student, teacher, c = bound(method)
+    b = batch()
+    whole = obj.step_terms(student, teacher, b, c)["loss"]
+    parts = [obj.step_terms(student, teacher, Batch(*(t[p] for t in b)), c)["loss"] * (
+        p.stop - p.start) for p in (slice(0, 2), slice(2, 5))]
+    assert torch.allclose(sum(parts) / B, whole, rtol=1e-12, atol=0)
+    # and a noise_seed drawn under another run seed changes the loss
+    state = obj.state_dict()
+    state["noise_seed"] = state["noise_seed"] + 1
+    twin = copy.deepcopy(obj)
+    twin.load_state_dict(state)
+    assert not torch.allclose(twin.step_terms(student, teacher, b, c)["loss"], whole)
 
 
 # ---------------------------------------------------------------------------- progressive
@@ -191,6 +268,7 @@ def bound_progressive(**kw):
     teacher = denoiser(TinyNet(), param="x0").eval()
     student = denoiser(TinyNet())
     obj = Progressive(**{"start_steps": 8, "end_steps": 1, **kw})
+    torch.manual_seed(0)                 # the run seeds the default RNG before bind
     obj.bind(student, teacher, None)
     perturb(student)
     return obj, student, teacher
@@ -200,11 +278,10 @@ def bound_progressive(**kw):
 def test_progressive_loss_matches_reference(weighting):
     obj, student, teacher = bound_progressive(weighting=weighting, steps_per_round=3)
     b = batch()
-    torch.manual_seed(3)
     terms = obj.step_terms(student, teacher, b, ctx(0, 9))
-    torch.manual_seed(3)
-    k = torch.randint(0, 4, (B,))
-    eps = torch.randn_like(b.x)
+    draws = replay(obj, b, ctx(0, 9))
+    k = draws.integers(4)
+    eps = draws.normal(C, H, H, dtype=D)
     assert (k == 3).any() and (k < 3).any()   # both branches of x̃ are exercised
     ref = progressive_reference(student.net, teacher.net, "x0", b.x, k, eps, 4, weighting)
     assert torch.allclose(terms["loss"], ref, rtol=1e-9, atol=1e-12)
@@ -222,15 +299,15 @@ def test_progressive_conditional_guided_teacher():
     student = Denoiser(TinyNet(conditional=True), process="vp_cosine", param="v",
                        num_classes=3, conditional=True, guidance=2.0).to(D)
     obj = Progressive(start_steps=4)
+    torch.manual_seed(0)
     obj.bind(student, teacher, None)
     perturb(student)
     assert student.guidance == 1.0
     b = batch()
-    torch.manual_seed(9)
     terms = obj.step_terms(student, teacher, b, ctx(0, 4))
-    torch.manual_seed(9)
-    k = torch.randint(0, 2, (B,))
-    eps = torch.randn_like(b.x)
+    draws = replay(obj, b, ctx(0, 4))
+    k = draws.integers(2)
+    eps = draws.normal(C, H, H, dtype=D)
     null = torch.full_like(b.y, 3)
 
     class Guided(nn.Module):            # the guided teacher as one x0-network, written here
@@ -297,15 +374,14 @@ def test_progressive_rounds_snapshot_and_halve():
         assert int(obj.round) == 0 and student.steps == 1
         perturb(student, seed=10 + step)     # stands in for the optimizer step
     boundary = {k: v.clone() for k, v in student.state_dict().items()}
-    torch.manual_seed(5)
     terms = obj.step_terms(student, teacher, b, ctx(2, total))
     assert int(obj.round) == 1 and terms["student_steps"].item() == 1
     snap = obj.snapshot.state_dict()
     assert all(torch.equal(snap[k], v) for k, v in boundary.items())
     # round 1's teacher is the round-0 student (v, guidance 1) with 2 steps, the student 1
-    torch.manual_seed(5)
-    k = torch.randint(0, 1, (B,))
-    eps = torch.randn_like(b.x)
+    draws = replay(obj, b, ctx(2, total))
+    k = draws.integers(1)
+    eps = draws.normal(C, H, H, dtype=D)
     ref = progressive_reference(student.net, obj.snapshot.net, "v", b.x, k, eps, 1, "snr_trunc")
     assert torch.allclose(terms["loss"], ref, rtol=1e-9, atol=1e-12)
     perturb(student, seed=20)
@@ -390,20 +466,22 @@ def test_consistency_distillation_matches_reference():
     teacher = denoiser(TinyNet(), process="edm", param="edm").eval()
     student = denoiser(TinyNet(dropout=0.3))
     obj = ConsistencyDistillation(scales=6, mu=0.5)
+    torch.manual_seed(0)
     obj.bind(student, teacher, None)
     assert (student.process.name, student.param, student.sampler, student.steps) == (
         "edm", "consistency", "consistency", 1)
     perturb(student)                 # online θ != target θ⁻ (still the teacher's weights)
     student.train()
     b = batch()
-    torch.manual_seed(7)
+    torch.manual_seed(7)             # the dropout masks: the default RNG
     terms = obj.step_terms(student, teacher, b, ctx())
-    torch.manual_seed(7)
-    n = torch.randint(0, 5, (B,))
-    z = torch.randn_like(b.x)
+    draws = replay(obj, b, ctx())
+    n = draws.integers(5)
+    z = draws.normal(C, H, H, dtype=D)
     sig = karras(6)
     t, t2 = sig[n], sig[n + 1]
     x_t = b.x + t.view(-1, 1, 1, 1) * z
+    torch.manual_seed(7)             # the noise did not come from it: the masks start here
     state = torch.get_rng_state()
     online = edm_f(student.net, x_t, t, True)
     tc, t2c = t.view(-1, 1, 1, 1), t2.view(-1, 1, 1, 1)
@@ -437,11 +515,12 @@ def test_consistency_training_target_is_cd_with_a_clean_x_teacher():
     s2 = copy.deepcopy(s1)
     cd = ConsistencyDistillation(scales=7, mu=0.0, init_from_teacher=False)
     ct = ConsistencyTraining(s0=7, s1=7)
+    torch.manual_seed(11)            # the same run seed: the same noise_seed
     cd.bind(s1, teacher, None)
+    torch.manual_seed(11)
     ct.bind(s2, None, None)
-    torch.manual_seed(11)
+    assert int(cd.noise_seed) == int(ct.noise_seed)
     l_cd = cd.step_terms(s1, teacher, b, ctx(0))
-    torch.manual_seed(11)
     l_ct = ct.step_terms(s2, None, b, ctx(0))
     assert l_ct["N"].item() == 7
     assert torch.allclose(l_cd["loss"], l_ct["loss"], rtol=1e-9, atol=1e-12)
@@ -509,6 +588,7 @@ def bound_reflow(teacher=None, **kw):
     student = denoiser(TinyNet())
     obj = Reflow(**kw)
     obj.use_pairs(MemoryPairs(*flow_pairs()))
+    torch.manual_seed(0)
     obj.bind(student, teacher, None)
     perturb(student)
     return obj, student
@@ -521,16 +601,15 @@ def test_reflow_velocity_loss_matches_reference(k, spec, step):
     assert (student.process.name, student.param, student.sampler) == ("flow", "velocity",
                                                                       "euler")
     noise, x = flow_pairs()
-    torch.manual_seed(2)
     terms = obj.step_terms(student, None, batch(), ctx(step, 20))
-    torch.manual_seed(2)
+    draws = replay(obj, batch(), ctx(step, 20))
     if k is None:
-        t = torch.rand(B, dtype=D)
+        t = draws.uniform()
     else:
-        t = 1 - torch.randint(0, k, (B,)).to(D) / k
+        t = 1 - draws.integers(k).to(D) / k
     beta = {None: 0.0, "warmup_10": 0.7, "cos_10": (1 + math.cos(math.pi * 0.4)) / 2}[spec]
     if beta:
-        noise = math.sqrt(1 - beta ** 2) * noise + beta * torch.randn_like(noise)
+        noise = math.sqrt(1 - beta ** 2) * noise + beta * draws.normal(C, H, H, dtype=D)
     tc = t.view(-1, 1, 1, 1)
     z = (1 - tc) * x + tc * noise
     ref = mean_dims((student.net(z, 1000 * t) - (noise - x)) ** 2).mean()

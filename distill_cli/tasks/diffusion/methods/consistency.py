@@ -12,6 +12,7 @@ from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.models.diffusion.noise import build_process
 from distill_cli.tasks.diffusion.methods.common import (
+    NoiseSeeded,
     adopt_teacher_guidance,
     check_denoiser,
     check_distance,
@@ -45,7 +46,7 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-class ConsistencyDistillation(StepObjective):
+class ConsistencyDistillation(NoiseSeeded, StepObjective):
     """Consistency distillation: the student f_θ maps any point of the teacher's PF-ODE
     trajectory to its start; f_θ is trained to agree at adjacent grid points.
 
@@ -60,10 +61,16 @@ class ConsistencyDistillation(StepObjective):
     f = the student's x0_sigma with the 'consistency' parameterisation: c_skip = sd²/((σ -
     σ_min)² + sd²), c_out = (σ - σ_min) sd / sqrt(σ² + sd²), so f(x, σ_min) = x exactly.
     The online and target passes share the dropout RNG state (CM :190-198) and the target runs
-    in the student's train/eval mode (CM keeps it in train mode, cm_train.py:109). After each
-    optimizer step θ⁻ <- μ θ⁻ + (1 - μ) θ (CM train_util.py:403-414); θ⁻ lives in
-    `self.target`, a frozen copy whose tensors are buffers (checkpointed, never trained).
-    Draw order (default RNG, batch device): n, then z.
+    in the student's train/eval mode (CM keeps it in train mode, cm_train.py:109). Dropout
+    masks come from the DEFAULT RNG, which every torchrun rank seeds alike: with dropout > 0
+    they are per rank, and a multi-rank run is then not the one-process run (without dropout
+    it is). After each optimizer step θ⁻ <- μ θ⁻ + (1 - μ) θ (CM train_util.py:403-414); θ⁻
+    lives in `self.target`, a frozen copy whose tensors are buffers (checkpointed, never
+    trained).
+    Draws, per sample from `SampleDraws(noise_seed, step, batch.index)` (methods/common.py:
+    one stream per (seed, step, sample), so torchrun ranks holding slices of the global batch
+    draw what one process draws), in this fixed order: n (one integer), then z (N(0, I) of the
+    image's shape). `noise_seed` is a buffer drawn once in `bind` from the default RNG.
 
     Student: set_diffusion(process=edm(sigma_min, sigma_max, rho), param="consistency",
     sampler="consistency", steps=1). CD starts it (and θ⁻) from the teacher's weights (CM
@@ -121,6 +128,7 @@ class ConsistencyDistillation(StepObjective):
                                                     self.process.sigma_max, self.process.rho)
         self.target = None
         self._student: list = []   # a reference for after_step, NOT a registered submodule
+        self.init_noise_seed()
 
     # ---- setup ------------------------------------------------------------------------------
     def bind(self, student, teacher, data) -> None:
@@ -134,6 +142,7 @@ class ConsistencyDistillation(StepObjective):
                             steps=1)
         self.target = frozen_copy(model)
         self._student = [model]
+        self.draw_noise_seed()
 
     def schedule(self, ctx: StepContext) -> tuple[int, float]:
         """(N, μ) of optimizer step ctx.step: fixed for CD."""
@@ -156,8 +165,9 @@ class ConsistencyDistillation(StepObjective):
         x, y = batch.x, batch.y
         n_scales, mu = self.schedule(ctx)
         sigmas = karras_sigmas(n_scales, self.sigma_min, self.sigma_max, self.rho, x.device)
-        n = torch.randint(0, n_scales - 1, (x.shape[0],), device=x.device)
-        z = torch.randn_like(x)
+        draws = self.draws(batch, ctx)     # the order below is the docstring's
+        n = draws.integers(n_scales - 1)
+        z = draws.normal(*x.shape[1:], dtype=x.dtype)
         t, t2 = sigmas[n], sigmas[n + 1]
         x_t = x + t.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) * z
         dropout = rng_state(x.device)

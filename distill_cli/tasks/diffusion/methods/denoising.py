@@ -23,8 +23,12 @@ data end, where SNR -> inf; the other processes stay below 20).
 Times: `uniform` t ~ U(t_min, t_max] (t = t_max - (t_max - t_min) u, u ~ U[0, 1): never the data
 end itself, where s may be 0); `lognormal` EDM's ln sigma ~ N(p_mean, p_std^2) (-1.2, 1.2), mapped
 to t = process.t_of_sigma(sigma) and clamped to [t_min, t_max].
-Randomness: t, eps and the dropout draw come from the default torch RNG on the batch's device, in
-that order (the engine checkpoints RNG states, so resume is exact).
+Randomness: per sample, from `SampleDraws(noise_seed, step, batch.index)` (methods/common.py:
+a pure function of the seed, the optimizer step and the sample's index, so torchrun ranks holding
+slices of the global batch draw what one process draws), in this FIXED order: t (uniform: one
+U[0, 1) value; lognormal: one N(0, 1) value), eps (N(0, I) of the image's shape), then the label
+dropout draw (one U[0, 1) value; only for a class-conditional student with label_dropout > 0).
+`noise_seed` is a buffer drawn once in `bind` from the default RNG (seeded with cfg.seed).
 Terms: loss; mse_x (unweighted mean (x_hat - x)^2); mse (unweighted parameterisation-space MSE).
 """
 from __future__ import annotations
@@ -36,7 +40,12 @@ import torch
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.models.diffusion.denoiser import Denoiser
-from distill_cli.tasks.diffusion.methods.common import col, unwrap
+from distill_cli.tasks.diffusion.methods.common import (
+    NoiseSeeded,
+    SampleDraws,
+    col,
+    unwrap,
+)
 
 WEIGHTINGS = ("uniform", "snr_trunc", "edm")
 TIME_SAMPLING = ("uniform", "lognormal")
@@ -52,7 +61,7 @@ def require_denoiser(student, loss: str) -> Denoiser:
     return core
 
 
-class Denoising(StepObjective):
+class Denoising(NoiseSeeded, StepObjective):
     """Denoising score matching / flow matching; see the module docstring."""
 
     task_name = "diffusion"
@@ -85,6 +94,7 @@ class Denoising(StepObjective):
         self.label_dropout, self.p_mean, self.p_std = label_dropout, p_mean, p_std
         self.require_process, self.require_param = require_process, require_param
         self.name = str(name)
+        self.init_noise_seed()
 
     def bind(self, student, teacher, data) -> None:
         core = require_denoiser(student, self.name)
@@ -98,17 +108,19 @@ class Denoising(StepObjective):
             raise UserError(f"loss={self.name} trains the {self.require_param} "
                             f"parameterisation, but the student's param is {core.param}",
                             "student.param", fix)
+        self.draw_noise_seed()
 
-    def sample_times(self, process, n: int, device) -> torch.Tensor:
-        """[n] float32 times from the configured distribution (default RNG on `device`)."""
+    def sample_times(self, process, draws: SampleDraws) -> torch.Tensor:
+        """[B] float32 times from the configured distribution (one draw per sample)."""
         if self.time_sampling == "uniform":
-            u = torch.rand(n, device=device)
-            return process.t_max - (process.t_max - process.t_min) * u
-        sigma = torch.exp(self.p_mean + self.p_std * torch.randn(n, device=device))
+            u = draws.uniform()
+            return (process.t_max - (process.t_max - process.t_min) * u).float()
+        sigma = torch.exp(self.p_mean + self.p_std * draws.normal(dtype=torch.float64))
         return process.t_of_sigma(sigma).clamp(process.t_min, process.t_max).float()
 
-    def labels(self, core: Denoiser, y: torch.Tensor | None, n: int, device
+    def labels(self, core: Denoiser, y: torch.Tensor | None, draws: SampleDraws
                ) -> torch.Tensor | None:
+        n = len(draws)
         if not core.conditional:
             return None
         if y is None or y.is_floating_point() or y.shape != (n,):
@@ -117,7 +129,7 @@ class Denoising(StepObjective):
                             "task.conditional", "use a labelled dataset without mixup/CutMix, or "
                             "task.conditional=false")
         if self.label_dropout > 0:
-            drop = torch.rand(n, device=device) < self.label_dropout
+            drop = draws.uniform() < self.label_dropout
             y = torch.where(drop, torch.full_like(y, core.null_label), y)
         return y
 
@@ -131,12 +143,12 @@ class Denoising(StepObjective):
     def step_terms(self, student, teacher, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         core = unwrap(student)
         x = batch.x.float()
-        n, device = x.shape[0], x.device
-        t = self.sample_times(core.process, n, device)
-        eps = torch.randn_like(x)
+        draws = self.draws(batch, ctx)     # the order below is the docstring's
+        t = self.sample_times(core.process, draws)
+        eps = draws.normal(*x.shape[1:], dtype=x.dtype)
         t64 = t.double()
         z = col(core.process.a(t64), x) * x + col(core.process.s(t64), x) * eps
-        y = self.labels(core, batch.y, n, device)
+        y = self.labels(core, batch.y, draws)
         out = student(z, t, y).float()       # the (possibly wrapped) module's forward
         uniform = self.weighting == "uniform"
         # the term that is not the loss is logged only: computed without a graph

@@ -48,6 +48,8 @@ class Direct(StepObjective):
     - the pairs come from the teacher's own sampler and steps (the pairs node; LL: 100 DDIM
       steps with quadratic spacing) and are the run's training-set pairs, one per sample.
     - a guided teacher's pairs give a student sampled at w = 1.
+    Nothing is drawn at random (the noise is the pair's), so unlike the other methods it has no
+    `noise_seed`: a torchrun run computes what one process computes as it is.
     Terms: loss, pixel_mae (mean |x̂ - x| per pixel, whatever the distance).
     """
 

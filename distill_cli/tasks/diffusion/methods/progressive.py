@@ -13,6 +13,7 @@ from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.models.diffusion.denoiser import Denoiser
 from distill_cli.tasks.diffusion.methods.common import (
+    NoiseSeeded,
     adopt_teacher_guidance,
     check_denoiser,
     col,
@@ -52,7 +53,7 @@ def two_step_target(teacher: Denoiser, guidance: float | None, z: Tensor, t: Ten
 
 
 # ----------------------------------------------------------------------------- the objective
-class Progressive(StepObjective):
+class Progressive(NoiseSeeded, StepObjective):
     """Progressive distillation: a student with N steps matches its teacher's 2N DDIM steps
     two at a time; after each round the student becomes the teacher and N halves.
 
@@ -64,7 +65,11 @@ class Progressive(StepObjective):
         x_mse = mean_dims (x̂ - x̃)^2
         snr_trunc: L = max(1, a²/s²) · x_mse        (PD's 'snr_trunc', all its distill configs)
         v_mse:     L = mean_dims (v̂ - ṽ)^2          (PD's 'v_mse', "SNR+1")
-    loss = batch mean. Draw order (default RNG, batch device): k, then eps.
+    loss = batch mean. Draws, per sample from `SampleDraws(noise_seed, step, batch.index)`
+    (methods/common.py: one stream per (seed, step, sample), so torchrun ranks holding slices of
+    the global batch draw what one process draws), in this fixed order: k (one integer), then
+    eps (N(0, I) of the image's shape). `noise_seed` is a buffer drawn once in `bind` from the
+    default RNG (seeded with cfg.seed).
 
     Rounds: rounds = log2(start_steps/end_steps); the teacher has N_r = start_steps/2^r steps
     in round r and the student N_r/2; each round lasts `steps_per_round` optimizer steps (auto:
@@ -109,6 +114,7 @@ class Progressive(StepObjective):
         self.register_buffer("round", torch.zeros((), dtype=torch.long))
         self.snapshot: nn.Module | None = None
         self._round_host: int | None = None   # `round` mirrored on the host (no sync per step)
+        self.init_noise_seed()
 
     def _set_start(self, start: int, key: str) -> None:
         end = self.end_steps
@@ -134,6 +140,7 @@ class Progressive(StepObjective):
                             steps=self.end_steps)
         adopt_teacher_guidance(model, teacher)
         self.snapshot = frozen_copy(model).eval()
+        self.draw_noise_seed()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -179,8 +186,9 @@ class Progressive(StepObjective):
         x, y = batch.x, batch.y
         p = model.process
         grid = p.grid(teacher_steps).to(x.device)
-        k = torch.randint(0, n, (x.shape[0],), device=x.device)
-        eps = torch.randn_like(x)
+        draws = self.draws(batch, ctx)     # the order below is the docstring's
+        k = draws.integers(n)
+        eps = draws.normal(*x.shape[1:], dtype=x.dtype)
         t, t_mid, t_next = grid[2 * k], grid[2 * k + 1], grid[2 * k + 2]
         a, s = p.a(t), p.s(t)
         z = col(a, x) * x + col(s, x) * eps

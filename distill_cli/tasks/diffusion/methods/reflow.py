@@ -11,6 +11,8 @@ from torch import Tensor
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.tasks.diffusion.methods.common import (
+    NoiseSeeded,
+    SampleDraws,
     adopt_teacher_guidance,
     check_denoiser,
     col,
@@ -60,7 +62,7 @@ def check_randomness(spec) -> str | None:
                     "README: warmup_300000), exp_K, cos_K or fix_B (a constant B in [0, 1])")
 
 
-class Reflow(StepObjective):
+class Reflow(NoiseSeeded, StepObjective):
     """Reflow: a flow student trained on the teacher's FIXED (noise, endpoint) coupling, so
     its paths straighten and few Euler steps suffice.
 
@@ -76,7 +78,11 @@ class Reflow(StepObjective):
         pseudo_huber:    L = PH(x̂, x), x̂ = z - t·out, the one-step Euler image (RF 'lpips')
         pseudo_huber+l2: PH(x̂, x) + mean_dims (out - (ε - x))²             (RF 'lpips+l2')
     PH(a, b) = sqrt(||a - b||² + c²) - c, c = 0.00054 sqrt(d) (Song & Dhariwal 2023); loss =
-    batch mean. Draw order (default RNG, batch device): t, then ξ (when β > 0).
+    batch mean. Draws, per sample from `SampleDraws(noise_seed, step, batch.index)`
+    (methods/common.py: one stream per (seed, step, sample), so torchrun ranks holding slices
+    of the global batch draw what one process draws), in this fixed order: t (k null: one
+    U[0, 1) value; k int: one integer j; t0: nothing), then ξ (N(0, I) of the image's shape;
+    only when β > 0). `noise_seed` is a buffer drawn once in `bind` from the default RNG.
 
     Student: set_diffusion(process="flow", param="velocity", sampler="euler"), steps its own
     (the evaluation default). init_from_teacher: auto = copy the teacher's weights only when
@@ -126,6 +132,7 @@ class Reflow(StepObjective):
         self.init_from_teacher = init_from_teacher
         self.pairs_options = pairs_options(pairs)
         self.pairs = None
+        self.init_noise_seed()
 
     def use_pairs(self, pairs) -> None:
         """The runner hands over the teacher's pairs (`get(index) -> (noise, endpoint)`)."""
@@ -139,25 +146,29 @@ class Reflow(StepObjective):
             copy_teacher_weights(model, t_model, self.name)
         model.set_diffusion(process="flow", param="velocity", sampler="euler")
         adopt_teacher_guidance(model, t_model)
+        self.draw_noise_seed()
 
-    def times(self, model, n: int, device) -> Tensor:
+    def times(self, model, draws: SampleDraws) -> Tensor:
+        """[B] float64 times (one draw per sample; none for t0)."""
         p = model.process
         if self.k is None:
-            return p.t_min + (p.t_max - p.t_min) * torch.rand(n, dtype=torch.float64,
-                                                              device=device)
+            return p.t_min + (p.t_max - p.t_min) * draws.uniform()
         if self.k == "t0":
-            return torch.full((n,), float(p.t_max), dtype=torch.float64, device=device)
-        grid = p.grid(self.k).to(device)
-        return grid[torch.randint(0, self.k, (n,), device=device)]
+            return torch.full((len(draws),), float(p.t_max), dtype=torch.float64,
+                              device=draws.device)
+        grid = p.grid(self.k).to(draws.device)
+        return grid[draws.integers(self.k)]
 
     def step_terms(self, student, teacher, batch, ctx: StepContext):
         model = unwrap(student)
         noise, x = pair_batch(self, batch, batch.x.dtype)
         y = batch.y
-        t = self.times(model, x.shape[0], x.device)
+        draws = self.draws(batch, ctx)     # the order below is the docstring's
+        t = self.times(model, draws)
         beta = randomness(self.x0_randomness, ctx.step)
         if beta > 0:   # SF: the paired noise mixed with fresh noise
-            noise = math.sqrt(1 - beta * beta) * noise + beta * torch.randn_like(noise)
+            fresh = draws.normal(*noise.shape[1:], dtype=noise.dtype)
+            noise = math.sqrt(1 - beta * beta) * noise + beta * fresh
         p = model.process
         z = col(p.a(t), x) * x + col(p.s(t), x) * noise
         out = student(z, t, y).to(x.dtype)   # the (DDP-)wrapped student
