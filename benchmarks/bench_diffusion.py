@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 CASES = {   # name -> overrides (the table's recipes, student = teacher architecture)
     "digits 8x8, unet_tiny": ["recipe=diffusion_digits"],
-    "Fashion-MNIST 28x28, unet_small": ["recipe=diffusion_fmnist"],
+    "Fashion-MNIST 28x28, unet_small": ["recipe=diffusion_fmnist", "dataset.limit_train=2000"],
 }
 METHODS = ["dsm", "reflow", "reflow_live", "direct", "progressive", "consistency"]
 
