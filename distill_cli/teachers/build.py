@@ -64,23 +64,24 @@ def teacher_description(node: DictConfig, data, precision: str) -> dict:
             "precision": str(precision)}
 
 
-def from_store(node: DictConfig, data, device, reporter, access: StoreAccess
-               ) -> tuple[nn.Module, dict]:
-    """The teacher `node` describes, from the store — trained first when it is not there."""
+def from_store(node: DictConfig, data, device, reporter, access: StoreAccess,
+               role: str = "teacher") -> tuple[nn.Module, dict]:
+    """The teacher `node` describes, from the store — trained first when it is not there.
+    `role` names it in messages (a task's own stored model: "feature_net")."""
     desc = teacher_description(node, data, access.precision)
     key = content_key(desc)
     store = Store(access.root, "teachers")
     meta = _entry(store, key)
     hit = meta is not None
     if not hit:
-        waiting = f"teacher {node.arch}: another job is training it (key {key}); waiting"
+        waiting = f"{role} {node.arch}: another job is training it (key {key}); waiting"
         with store.lock(key, on_wait=lambda: reporter.stage(waiting)):
             meta = _entry(store, key)  # another job may have trained it while we waited
             hit = meta is not None
             if not hit:
-                meta = _train_into_store(node, data, store, key, desc, reporter, access)
+                meta = _train_into_store(node, data, store, key, desc, reporter, access, role)
     if hit:
-        reporter.stage(f"teacher {node.arch}: reusing stored teacher {key} "
+        reporter.stage(f"{role} {node.arch}: reusing stored teacher {key} "
                        f"({score_text(meta)}, trained {meta['created']})")
     best = store.path(key) / "checkpoints" / "best.pt"
     fix = (f"The stored teacher is damaged: remove it with `{prune_command(access.root, key)}` "
@@ -150,7 +151,7 @@ def _record_verified(best: Path, acc: float | None, digest: str | None = None) -
 
 
 def _train_into_store(node: DictConfig, data, store: Store, key: str, desc: dict, reporter,
-                      access: StoreAccess) -> dict:
+                      access: StoreAccess, role: str = "teacher") -> dict:
     """Train the teacher `key` in its build dir and publish it. A build that stopped early
     (Ctrl-C, SIGTERM, a crash after an epoch) is continued from its last.pt, exactly."""
     staging = store.staging(key)
@@ -159,9 +160,9 @@ def _train_into_store(node: DictConfig, data, store: Store, key: str, desc: dict
     summary = read_json(run_dir / "summary.json") or read_json(staging / "summary.json") or {}
     summary = summary if isinstance(summary, dict) else {}   # a mangled file: not finished
     if summary.get(keys.STATUS) != "finished":
-        resume = _continue_build(node, staging, key, reporter, access)
+        resume = _continue_build(node, staging, key, reporter, access, role)
         if not resume:
-            reporter.stage(f"teacher {node.arch}: not in the store — training it first "
+            reporter.stage(f"{role} {node.arch}: not in the store — training it first "
                            f"({node.train.epochs} epochs, key {key}, in {staging})")
         hint = ("Run the same command again: the teacher build continues from this checkpoint "
                 f"({run_dir / LAST}); `distill-teachers prune` discards it")
@@ -200,7 +201,7 @@ def score_text(meta: dict) -> str:
 
 
 def _continue_build(node: DictConfig, staging: Path, key: str, reporter,
-                    access: StoreAccess) -> bool:
+                    access: StoreAccess, role: str = "teacher") -> bool:
     """True when `staging` holds an unfinished build of this very run to continue; else False,
     with `staging` emptied (a build that stopped before its first checkpoint, or one
     whose settings outside the key differ: continuing it would mix two recipes)."""
@@ -210,11 +211,11 @@ def _continue_build(node: DictConfig, staging: Path, key: str, reporter,
             ckpt = checkpoint.load(last, "teacher store", resume=True)
             access.same_run(node, ckpt)
         except UserError as err:
-            reporter.stage(f"teacher {node.arch}: its unfinished build cannot be "
+            reporter.stage(f"{role} {node.arch}: its unfinished build cannot be "
                            f"continued ({err.what}); starting over")
         else:
             state = ckpt["state"]
-            reporter.stage(f"teacher {node.arch}: continuing its unfinished build "
+            reporter.stage(f"{role} {node.arch}: continuing its unfinished build "
                            f"(key {key}) at epoch {state['epoch'] + 1}, step {state['step']}")
             return True
     shutil.rmtree(staging)

@@ -71,12 +71,13 @@ def online_teacher(node: DictConfig, data, device, method: str = "this loss"
 
 def resolve_teacher(node: DictConfig, data, device: torch.device, reporter,
                     access: StoreAccess, *, online: str | None = None, any_classes: bool = False,
-                    fold: bool = True) -> tuple[nn.Module | None, dict]:
+                    fold: bool = True, role: str = "teacher") -> tuple[nn.Module | None, dict]:
     """Return (the teacher `node` describes or None, summary fields describing where it came
     from). The teacher is frozen, except with `online` (the method's name: a fresh, trainable
     one); `any_classes` accepts a checkpoint trained for another class count (a source teacher
     of the multi-teacher pool). `access` lets the store train a teacher it does not hold.
-    `fold=False` keeps its BatchNorm layers (an objective that reads their statistics: SRe2L)."""
+    `fold=False` keeps its BatchNorm layers (an objective that reads their statistics: SRe2L).
+    `role` names the model in the store's messages."""
     arch = model_node(node)
     if arch is None:
         if node.get("checkpoint"):
@@ -89,7 +90,7 @@ def resolve_teacher(node: DictConfig, data, device: torch.device, reporter,
         model = pretrained(arch, data, device)
         info = {keys.TEACHER_SOURCE: f"weights:{arch.weights}"}
     elif not node.get("checkpoint"):
-        model, info = from_store(node, data, device, reporter, access)
+        model, info = from_store(node, data, device, reporter, access, role)
     else:
         ckpt = checkpoint.load(node.checkpoint, "teacher.checkpoint", fix=(
             "Use a checkpoint written by `distill` (e.g. <run>/checkpoints/best.pt of a finished "

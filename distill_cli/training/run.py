@@ -139,7 +139,7 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
                                                  store_access(cfg, teacher_data, tty, run))
     for name, node in task.stored_models().items():   # e.g. the diffusion task's classifier
         model, info = resolve_teacher(node, teacher_data, device, console(0),
-                                      store_access(cfg, teacher_data, tty, run))
+                                      store_access(cfg, teacher_data, tty, run), role=name)
         task.use_stored(name, model, info)
         teacher_info.update({keys.join(name, k): v for k, v in info.items()})
     if world.is_main:
