@@ -128,6 +128,11 @@ class DiffusionTask(Task):
         scorer = self._scorer()
         validation = split is self._val
         n = min(len(split), self.val_samples if validation else self.samples)
+        if n <= self.pr_k:
+            raise UserError(f"The {'validation' if validation else 'test'} split holds {n} "
+                            f"images: too few to score samples against (task.eval.pr_k="
+                            f"{self.pr_k})", "dataset.limit_eval",
+                            "Raise dataset.limit_eval / dataset.val_fraction (hundreds at least)")
         own = int(model.steps)   # first: its block gives the unsuffixed metrics
         counts = [own] + ([] if validation else other_counts(model, self.steps))
         labels = split.targets[:n].to(device)
