@@ -267,12 +267,17 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reverse", action="store_true", help="reverse the sort order")
     parser.add_argument("--format", choices=FORMATS, default="table")
     parser.add_argument("--plot", metavar="OUT.png", help="also write a bar chart")
+    parser.add_argument("--grids", metavar="OUT.png", help="also write each configuration's "
+                        "sample grid (diffusion) or synthetic set (dataset distillation) side "
+                        "by side")
     args = parser.parse_args(argv)
     try:
-        if args.plot and (blocker := blocking_file(args.plot)) is not None:
-            raise UserError(f"Cannot write the plot {args.plot}: {blocker} is a file", "--plot",
-                            "Pass a path in a directory")
-        report(args.paths, args.metric, args.sort, args.reverse, args.format, args.plot)
+        for flag, path in (("--plot", args.plot), ("--grids", args.grids)):
+            if path and (blocker := blocking_file(path)) is not None:
+                raise UserError(f"Cannot write {flag} {path}: {blocker} is a file", flag,
+                                "Pass a path in a directory")
+        report(args.paths, args.metric, args.sort, args.reverse, args.format, args.plot,
+               args.grids)
     except UserError as err:
         print("error: " + " ".join(err.paragraph().split()), file=sys.stderr, flush=True)
         sys.exit(2)

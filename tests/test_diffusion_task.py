@@ -69,11 +69,14 @@ def test_every_method_distils_from_the_stored_teacher_and_resumes_exactly(tmp_pa
 def test_the_report_ranks_generators_by_fd_with_a_column_per_step_count(tmp_path, capsys):
     for loss in ("direct", "reflow"):
         run(make_cfg([*TINY, f"loss={loss}"]), tmp_path / loss, tty=False)
-    rows = report([tmp_path], fmt="md")
+    rows = report([tmp_path], fmt="md", grids_to=tmp_path / "grids.png")
     text = capsys.readouterr().out
     assert "best FD" in text and "best/test/fd@1" in text and "teacher FD" in text
     fds = [r["best/test/fd"] for r in rows]
     assert fds == sorted(fds)   # lower FD first
+    from matplotlib.image import imread
+    assert imread(tmp_path / "grids.png").shape[1] > imread(
+        tmp_path / "direct" / "samples_best.png").shape[1]   # two grids side by side
 
 
 def test_stored_pairs_equal_the_live_teacher_and_are_computed_once(tmp_path):

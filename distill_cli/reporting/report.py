@@ -333,8 +333,41 @@ def plot(rows: list[dict], out: Path, metric: str = MAIN_METRIC) -> None:
     fig.savefig(out, dpi=120)
 
 
+GRID_FILES = ("samples_best.png", "grid_best.png")   # a generator's samples, a synthetic set
+
+
+def grids(rows: list[dict], out: Path) -> None:
+    """Each configuration's picture side by side (its first finished run's `samples_best.png`
+    or `grid_best.png`), titled with the configuration, in the table's order."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    found = []
+    for r in rows:
+        runs = sorted(p for p, status in r["runs"].items() if status == "finished")
+        png = next((Path(p) / f for p in runs for f in GRID_FILES if (Path(p) / f).is_file()),
+                   None)
+        if png is not None:
+            found.append((r["config"], png))
+    if not found:
+        raise UserError("--grids: no finished run holds samples_best.png or grid_best.png",
+                        "--grids", "Pass diffusion or dataset-distillation runs")
+    cols = min(3, len(found))
+    rows_n = -(-len(found) // cols)
+    fig = Figure(figsize=(5.0 * cols, 5.0 * rows_n), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (label, png) in enumerate(found):
+        ax = fig.add_subplot(rows_n, cols, i + 1)
+        ax.imshow(imread(png))
+        ax.set_title(label, fontsize="small")
+        ax.axis("off")
+    fig.savefig(out, dpi=120)
+
+
 def report(paths, metric: str = MAIN_METRIC, sort: str | None = None, reverse: bool = False,
-           fmt: str = "table", plot_to: Path | None = None) -> list[dict]:
+           fmt: str = "table", plot_to: Path | None = None,
+           grids_to: Path | None = None) -> list[dict]:
     """What `distill-report` does; raises UserError for anything the user should fix."""
     runs = collect(paths)
     if not runs:
@@ -355,4 +388,6 @@ def report(paths, metric: str = MAIN_METRIC, sort: str | None = None, reverse: b
         print(render(rows, fmt, metric), end="")
     if plot_to is not None:
         plot(rows, Path(plot_to), metric)
+    if grids_to is not None:
+        grids(rows, Path(grids_to))
     return rows
