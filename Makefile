@@ -50,10 +50,13 @@ bench: install data  ## speed benchmark (ratios side by side) -> benchmarks/resu
 bench-dd: install  ## dataset distillation: seconds and peak memory per set update, MTT's unroll -> benchmarks/results/dd_bench.md
 	$(PY) benchmarks/bench_dd.py --out benchmarks/results/dd_bench.md
 
+bench-lm: install data  ## LM distillation: s/step lm_ce vs topk stored/live vs fkl live; top-k table size -> benchmarks/results/lm_bench.md
+	$(PY) benchmarks/bench_lm.py --out benchmarks/results/lm_bench.md
+
 bench-torchdistill: install data  ## KD speed vs torchdistill, same job (own venv, ~20 min) -> benchmarks/results/torchdistill.md
 	$(PY) benchmarks/bench_torchdistill.py --out benchmarks/results/torchdistill.md
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install data run test test-slow bench bench-dd bench-torchdistill clean
+.PHONY: help install data run test test-slow bench bench-dd bench-lm bench-torchdistill clean

@@ -431,8 +431,8 @@ def test_init_from_teacher_refuses_another_architecture(cls, kw):
     teacher = denoiser(TinyNet(width=6), param="x0")
     student = denoiser(TinyNet(width=8))
     obj = cls(**kw)
-    if hasattr(obj, "use_pairs"):
-        obj.use_pairs(MemoryPairs(*flow_pairs()))
+    if hasattr(obj, "use_samples"):
+        obj.use_samples(MemoryPairs(*flow_pairs()))
     with pytest.raises(UserError) as err:
         obj.bind(student, teacher, None)
     assert err.value.key == "student"
@@ -587,7 +587,7 @@ def bound_reflow(teacher=None, **kw):
     teacher = teacher or denoiser(TinyNet(), process="flow", param="velocity")
     student = denoiser(TinyNet())
     obj = Reflow(**kw)
-    obj.use_pairs(MemoryPairs(*flow_pairs()))
+    obj.use_samples(MemoryPairs(*flow_pairs()))
     torch.manual_seed(0)
     obj.bind(student, teacher, None)
     perturb(student)
@@ -633,7 +633,7 @@ def test_reflow_straight_coupling_oracle_has_zero_loss():
     noise = torch.randn(B, C, H, H, dtype=D, generator=torch.Generator().manual_seed(4))
     student = denoiser(StraightVelocity(m))
     obj = Reflow(init_from_teacher=False)
-    obj.use_pairs(MemoryPairs(noise, 0.5 * noise + m))
+    obj.use_samples(MemoryPairs(noise, 0.5 * noise + m))
     obj.bind(student, denoiser(TinyNet()), None)
     terms = obj.step_terms(student, None, batch(), ctx())
     assert terms["loss"].item() < 1e-24
@@ -645,7 +645,7 @@ def test_reflow_init_from_teacher_auto():
     flow_teacher = denoiser(TinyNet(), process="flow", param="velocity")
     s = denoiser(TinyNet())
     r = Reflow()
-    r.use_pairs(MemoryPairs(*flow_pairs()))
+    r.use_samples(MemoryPairs(*flow_pairs()))
     r.bind(s, flow_teacher, None)
     assert all(torch.equal(a, b) for a, b in zip(s.net.state_dict().values(),
                                                  flow_teacher.net.state_dict().values()))
@@ -653,7 +653,7 @@ def test_reflow_init_from_teacher_auto():
     s = denoiser(TinyNet())
     own = {k: v.clone() for k, v in s.net.state_dict().items()}
     r = Reflow()
-    r.use_pairs(MemoryPairs(*flow_pairs()))
+    r.use_samples(MemoryPairs(*flow_pairs()))
     r.bind(s, vp_teacher, None)
     assert all(torch.equal(own[k], v) for k, v in s.net.state_dict().items())
 
@@ -675,7 +675,7 @@ def test_direct_loss_matches_reference():
     obj = Direct()
     noise, x = flow_pairs()
     x = x * 1.2                                   # some endpoints outside [-1, 1]: clipped
-    obj.use_pairs(MemoryPairs(noise, x))
+    obj.use_samples(MemoryPairs(noise, x))
     obj.bind(student, teacher, None)
     assert (student.param, student.sampler, student.steps) == ("x0", "onestep", 1)
     perturb(student)
@@ -687,7 +687,7 @@ def test_direct_loss_matches_reference():
     assert torch.allclose(terms["loss"], ref, rtol=1e-9, atol=1e-12)
     assert ((q + 1) * 127.5 - torch.round((q + 1) * 127.5)).abs().max() < 1e-9
     obj = Direct(distance="l2", quantise_targets=False)
-    obj.use_pairs(MemoryPairs(noise, x))
+    obj.use_samples(MemoryPairs(noise, x))
     obj.bind(student, teacher, None)   # back to the teacher's weights
     terms = obj.step_terms(student, teacher, batch(), ctx())
     x_hat = student.net(s_max * noise, torch.full((B,), 1000.0, dtype=D))
@@ -697,7 +697,7 @@ def test_direct_loss_matches_reference():
 
 def test_direct_refuses_an_eps_student_at_pure_noise():
     obj = Direct()
-    obj.use_pairs(MemoryPairs(*flow_pairs()))
+    obj.use_samples(MemoryPairs(*flow_pairs()))
     with pytest.raises(UserError) as err:
         obj.bind(denoiser(TinyNet()), denoiser(TinyNet(), param="eps"), None)
     assert err.value.key == "loss.param"
@@ -715,9 +715,12 @@ def test_each_yaml_builds_and_trains_one_step(name, cls, tmp_path):
     obj = build.build_objective(node)
     assert type(obj) is cls and obj.task_name == "diffusion" and obj.batch_coupling is None
     if name in ("reflow", "direct"):
-        assert obj.pairs_options == {"sampler": None, "steps": None, "seed": 0,
-                                     "dtype": "float16"}
-        obj.use_pairs(MemoryPairs(*flow_pairs()))
+        assert obj.stored_samples == "pairs"
+        assert obj.samples_options == {"sampler": None, "steps": None, "seed": 0,
+                                       "dtype": "float16"}
+        obj.use_samples(MemoryPairs(*flow_pairs()))
+    else:
+        assert getattr(obj, "stored_samples", None) is None
     teacher = denoiser(TinyNet(), param="x0").eval() if obj.needs_teacher else None
     student = denoiser(TinyNet())
     obj.bind(student, teacher, None)

@@ -4,16 +4,29 @@ Everything around a task is shared by every family: composition and recipes, the
 (a teacher is a `student` run of the same task with `teacher.train.loss`), checkpoints and exact
 resume, SIGTERM, the run-dir contract, logging and W&B, sweeps and the report. The engine asks
 the task for the training batches of an epoch, the model outputs of an evaluation split and the
-metrics of those outputs; the teacher-output store asks it for the shape of one stored row.
+metrics of those outputs; the teacher-output store asks it for the form of one stored row (`stored_signal`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:   # annotations only: reading a task's attributes needs no torch
     import torch
     from torch import nn
+
+
+@dataclass(frozen=True)
+class StoredSignal:
+    """What a run's frozen teacher serves its objective, stored or live alike: rows of
+    `row_shape` per sample, made from the teacher's outputs by `transform` (None: the outputs
+    themselves) before the output store's dtype rounds them. `identity` names the transform in
+    the stored table's key (None with no transform: the keys of plain logit tables)."""
+
+    row_shape: tuple[int, ...]
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    identity: dict | None = None
 
 
 class Task:
@@ -52,6 +65,13 @@ class Task:
     def stored_row_shape(self, data) -> tuple[int, ...]:
         """The shape of one sample's stored teacher output (the output store's row)."""
         raise NotImplementedError
+
+    def stored_signal(self, objective, data, dtype: str) -> StoredSignal:
+        """The teacher signal `objective` reads during training, as the output store would hold
+        it in `dtype` (teacher.outputs_dtype); a live teacher serves the same rows. Default: the
+        teacher's outputs themselves (`stored_row_shape`); a task may store a compact form (the
+        LM task's packed top-k rows for an objective that reads them)."""
+        return StoredSignal(tuple(self.stored_row_shape(data)))
 
     def steps_per_epoch(self, data, batch_size: int) -> int:
         """Optimizer steps in one training epoch (default: one pass over the training split)."""

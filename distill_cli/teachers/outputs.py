@@ -14,6 +14,12 @@ used. Verifying costs little next to computing: ~25 ms for a 50,000 x 100 float3
 about 500 MB/s hashed, 2 ms for the finite scan), against ~6 s for just 5,000 rows of a resnet8
 teacher on one core (measured 2026-11-30). Tables: `train` (no augmentation) or `train_e<epoch>`,
 and the evaluation splits `val` / `test`.
+
+A task may store a compact form of the teacher's outputs (`Task.stored_signal`: the LM task's
+packed top-k rows): `transform` maps the teacher's logits to that form before the dtype rounds
+them, stored and live alike (teachers/topology.py `frozen_logits`), and its `identity` joins
+the key. Such a store holds only the training tables: the evaluation references stay dense and
+are computed live (`serves_eval` False), once a run.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill_cli import keys
 from distill_cli.config.build import model_node
-from distill_cli.data import InMemorySplit
+from distill_cli.data.bundle import HeldSplit
 from distill_cli.data.mixing import MixSpec, training_batches
 from distill_cli.errors import UserError
 from distill_cli.losses.base import OnlineObjective, StepObjective
@@ -128,18 +134,25 @@ class TableStore:
 class TeacherOutputs:
     def __init__(self, *, teacher, teacher_id: dict, data, row_shape: tuple[int, ...],
                  batch_size: int, data_seed: int, device: torch.device, autocast,
-                 root: str | Path, dtype: str = "float32", reporter=None, mix=None):
+                 root: str | Path, dtype: str = "float32", reporter=None, mix=None,
+                 transform=None, transform_id: dict | None = None):
         self.teacher, self.data, self.batch_size = teacher, data, batch_size
         self.row_shape = tuple(row_shape)   # one sample's stored output (the task's contract)
+        # teacher logits -> stored rows (None: the logits); a transformed store keeps only the
+        # training tables (the evaluation references stay dense, computed live)
+        self.transform = transform
+        self.serves_eval = transform is None
         self.data_seed, self.device, self.autocast = data_seed, device, autocast
         self.dtype, self.reporter = dtype, reporter
         self.mix = mix or MixSpec()
         # augmentation or mixing make every epoch's views different: one table per epoch
-        self.augmented = bool(data.train.augment.enabled) or self.mix.enabled
+        self.augmented = _augmented(data.train) or self.mix.enabled
         view = ({"augment": data.identity.get("augment"), "mix": self.mix.as_dict(),
                  "data_seed": data_seed, "batch_size": batch_size}
                 if self.augmented else {"plain": True})
         common = {"format": FORMAT, "teacher": teacher_id, "data": data.identity, "dtype": dtype}
+        if transform_id is not None:   # absent for plain logits: their keys stay as they were
+            common["signal"] = transform_id
         self.key = content_key({**common, "view": view})
         # val/test are never augmented: one entry per teacher x data, whatever the data_seed
         self.eval_key = content_key({**common, "view": "eval"})
@@ -151,10 +164,10 @@ class TeacherOutputs:
 
     # ---------------------------------------------------------------- sizes for `auto`
     @staticmethod
-    def projected_bytes(data, row_shape: tuple[int, ...], epochs: int, dtype: str, mix=None
-                        ) -> int:
-        n_tables = epochs if data.train.augment.enabled or (mix and mix.enabled) else 1
-        rows = n_tables * len(data.train) + len(data.val) + len(data.test)
+    def projected_bytes(data, row_shape: tuple[int, ...], epochs: int, dtype: str, mix=None,
+                        eval_tables: bool = True) -> int:
+        n_tables = epochs if _augmented(data.train) or (mix and mix.enabled) else 1
+        rows = n_tables * len(data.train) + (len(data.val) + len(data.test) if eval_tables else 0)
         return rows * int(np.prod(row_shape)) * np.dtype(DTYPES[dtype]).itemsize
 
     # ---------------------------------------------------------------- tables
@@ -166,6 +179,8 @@ class TeacherOutputs:
                 with self.autocast():
                     logits = self.teacher(batch.x).float()
                 raw_finite = raw_finite and bool(torch.isfinite(logits).all())
+                if self.transform is not None:
+                    logits = self.transform(logits)
                 out[batch.index.cpu()] = quantise(logits, self.dtype).cpu()
         arr = out.numpy().astype(DTYPES[self.dtype])
         if not bool(np.isfinite(arr).all()):   # never stored: it would poison every run
@@ -198,6 +213,8 @@ class TeacherOutputs:
         return self.table(self.key, "train", lambda: full_size_batches(train, self.batch_size), len(train))
 
     def eval_table(self, split: str, batch_size: int) -> torch.Tensor:
+        if not self.serves_eval:
+            raise RuntimeError("a transformed output store holds no evaluation tables")
         part = getattr(self.data, split)
         return self.table(self.eval_key, split, lambda: part.eval_batches(batch_size), len(part))
 
@@ -206,6 +223,12 @@ class TeacherOutputs:
         return {keys.TEACHER_OUTPUTS: "stored", keys.TEACHER_OUTPUTS_KEY: self.key,
                 keys.TEACHER_OUTPUTS_HIT_RATE: hits / max(len(self.served), 1),
                 keys.TEACHER_OUTPUTS_DIR: str(self.dir)}
+
+
+def _augmented(split) -> bool:
+    """Whether the split's training views change every epoch (token splits have no augment)."""
+    augment = getattr(split, "augment", None)
+    return bool(augment is not None and augment.enabled)
 
 
 def full_size_batches(split, batch_size: int):
@@ -239,10 +262,12 @@ class OutputSettings:
 
 
 def outputs_for_run(settings: OutputSettings, objective, teacher, node: DictConfig,
-                    teacher_info: dict, data, device, reporter, mix, row_shape: tuple[int, ...]):
+                    teacher_info: dict, data, device, reporter, mix, row_shape: tuple[int, ...],
+                    transform=None, transform_id: dict | None = None):
     """The run's TeacherOutputs for the teacher `node` describes, when `teacher.outputs`
     (auto|store|live), the method and the disk budget allow it; None to run the teacher live.
-    `row_shape` is one sample's stored output (the task's `stored_row_shape`)."""
+    `row_shape` is one sample's stored output, `transform` / `transform_id` how it is made from
+    the teacher's logits and named (the task's `stored_signal`; None: the logits)."""
     mode = settings.mode
     if mode not in ("auto", "store", "live"):
         raise UserError(f"teacher.outputs={mode} is not an option", "teacher.outputs",
@@ -252,11 +277,13 @@ def outputs_for_run(settings: OutputSettings, objective, teacher, node: DictConf
     reason = None
     if isinstance(objective, (StepObjective, OnlineObjective)):
         reason = f"{type(objective).__name__} needs the teacher run live (online or features)"
-    elif not isinstance(data.train, InMemorySplit):
+    elif not isinstance(data.train, HeldSplit):
         reason = "the DataLoader path's teacher views are not stored"
-    if reason is None and mode == "auto":
+    need = 0
+    if reason is None:
         need = TeacherOutputs.projected_bytes(data, row_shape, settings.epochs, settings.dtype,
-                                              mix)
+                                              mix, eval_tables=transform is None)
+    if reason is None and mode == "auto":
         used = sum(f.stat().st_size for f in Path(settings.root).expanduser().glob(
             "outputs/*/*.npy"))
         if used + need > settings.max_gb * 2**30:
@@ -268,6 +295,10 @@ def outputs_for_run(settings: OutputSettings, objective, teacher, node: DictConf
                             "teacher.outputs", "Use teacher.outputs=auto or live")
         reporter.stage(f"teacher outputs: live ({reason})")
         return None
+    # the size is said before anything is computed: dense [T, V] rows of a large vocabulary
+    # under teacher.outputs=store can be far more than the disk holds
+    reporter.stage(f"teacher outputs: stored, {need / 2**20:,.1f} MiB at most "
+                   f"(rows of {list(row_shape)} {settings.dtype})")
     if keys.TEACHER_KEY in teacher_info:
         teacher_id = {"store": teacher_info[keys.TEACHER_KEY]}
     elif keys.TEACHER_CHECKPOINT in teacher_info:
@@ -288,7 +319,8 @@ def outputs_for_run(settings: OutputSettings, objective, teacher, node: DictConf
                           batch_size=settings.batch_size, data_seed=settings.data_seed,
                           device=device, autocast=lambda: autocast(device, settings.precision),
                           root=settings.root, dtype=settings.dtype,
-                          reporter=reporter, mix=mix)
+                          reporter=reporter, mix=mix, transform=transform,
+                          transform_id=transform_id)
 
 
 class PoolOutputs:

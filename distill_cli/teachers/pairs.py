@@ -8,8 +8,9 @@ teacher's sample from that noise with its sampler (default: its own sampler and 
 deterministic. Reflow (Liu et al. 2023) and Luhman & Luhman (2021) train on such fixed pairs;
 RF's `run_lib_reflow.py` and LL's `create_dataset.py` generate them offline the same way.
 
-The runner hands the pairs to an objective that declares `pairs_options` (its `use_pairs`), the
-way it serves a classifier teacher's stored logits: a stored teacher signal. The table lives in
+The runner hands the pairs to an objective that declares `stored_samples = "pairs"` (its
+`samples_options`, received by `use_samples`; teachers/samples.py), the way it serves a
+classifier teacher's stored logits: a stored teacher signal. The table lives in
 the output store (outputs.py `TableStore`): `<store.root>/outputs/
 <key>/pairs.npy`, keyed by the teacher's WEIGHTS (their SHA-256, wherever the teacher came from),
 its process / parameterisation, the sampler, step count, guidance, seed, the data and the dtype,
@@ -17,7 +18,6 @@ so a sweep over students and methods pays for the teacher's sampling once.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 
 import numpy as np
@@ -28,19 +28,10 @@ from distill_cli.models.diffusion import samplers
 from distill_cli.models.diffusion.denoiser import Denoiser
 from distill_cli.seeding import derive_seed
 from distill_cli.teachers.outputs import DTYPES, TableStore
+from distill_cli.teachers.samples import weights_digest
 from distill_cli.teachers.store import content_key
 
 FORMAT = 1
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state (names, shapes, dtypes and bytes), in state_dict order."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def pair_noise(seed: int, index: torch.Tensor, shape) -> torch.Tensor:

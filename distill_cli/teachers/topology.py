@@ -27,11 +27,17 @@ from distill_cli import keys
 from distill_cli.numerics import quantise
 
 
-def frozen_logits(teacher: nn.Module, x: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
-    """A frozen teacher's forward, quantised to the output store's dtype so that a live run and
-    a stored-outputs run compute the same thing."""
+def frozen_logits(teacher: nn.Module, x: torch.Tensor, dtype: str = "float32", transform=None
+                  ) -> torch.Tensor:
+    """A frozen teacher's forward, made into the stored form (`transform`, the task's
+    `stored_signal`: e.g. packed top-k rows) and quantised to the output store's dtype, so that
+    a live run and a stored-outputs run compute the same thing."""
     with torch.inference_mode():
         out = teacher(x)
+        if transform is not None:
+            # outside the step's autocast, as the store computes it (teachers/outputs.py)
+            with torch.autocast(x.device.type, enabled=False):
+                out = transform(out.float())
     # inference tensors cannot be saved for backward; a [B, C] copy is negligible
     return quantise(out.float(), dtype).clone()
 
@@ -119,25 +125,27 @@ class _Frozen(TeacherSignal):
 
 
 class FrozenTeacher(_Frozen):
-    """One frozen teacher, served from the output store or run live every step."""
+    """One frozen teacher, served from the output store or run live every step. `transform`:
+    the stored form of its training signal (`Task.stored_signal`), applied live alike; the
+    evaluation references are its plain outputs."""
 
     def __init__(self, model: nn.Module, outputs=None, dtype: str = "float32",
-                 feeds_training: bool = True, **kw):
+                 feeds_training: bool = True, transform=None, **kw):
         super().__init__([model], outputs, dtype, feeds_training, **kw)
-        self.model = model
+        self.model, self.transform = model, transform
         self._cached: dict[str, torch.Tensor] = {}
 
     def train_logits(self, batch) -> torch.Tensor:
         if self._table is not None:
             return self._table.index_select(0, batch.index)
-        return frozen_logits(self.model, batch.x, self.dtype)
+        return frozen_logits(self.model, batch.x, self.dtype, self.transform)
 
     def _eval(self, split: str) -> torch.Tensor:
         """Evaluation splits are never augmented: a frozen teacher's outputs are fixed."""
         if split not in self._cached:
+            stored = self.outputs is not None and self.outputs.serves_eval
             self._cached[split] = (self.outputs.eval_table(split, self.eval_batch_size)
-                                   if self.outputs is not None else
-                                   self._predict(self.model, split))
+                                   if stored else self._predict(self.model, split))
         return self._cached[split]
 
     def reference(self, split: str) -> torch.Tensor:

@@ -17,8 +17,8 @@ from distill_cli.losses.base import OnlineObjective, PoolObjective
 from distill_cli.teachers.build import StoreAccess
 from distill_cli.teachers.outputs import OutputSettings, outputs_for_pool, outputs_for_run
 from distill_cli.teachers.pool import resolve_pool
-from distill_cli.teachers.pairs import teacher_pairs
 from distill_cli.teachers.resolve import resolve_teacher
+from distill_cli.teachers.samples import teacher_samples
 from distill_cli.teachers.topology import (FrozenTeacher, OnlineTeacher, TeacherPool,
                                            TeacherSignal)
 
@@ -63,6 +63,9 @@ def choose_topology(cfg: DictConfig, *, task, objective, teacher, pool: list, te
     dtype = str(cfg.teacher.outputs_dtype)
     row = task.stored_row_shape(data)
     stored = output_settings(cfg, channels_last)
+    # what a single frozen teacher serves (stored or live alike): the logits, or a task's
+    # compact form of them (the LM task's packed top-k rows for loss=topk)
+    signal = task.stored_signal(objective, data, dtype) if teacher is not None else None
     if isinstance(objective, PoolObjective):
         outputs = outputs_for_pool(stored, pool, objective, data, device, reporter, mix, row)
         return TeacherPool([model for _, model, _ in pool], outputs, dtype, **common)
@@ -75,11 +78,15 @@ def choose_topology(cfg: DictConfig, *, task, objective, teacher, pool: list, te
             cfg.loss.get("teacher_scheduler", cfg.scheduler), list(teacher.parameters()),
             steps_per_epoch, int(cfg.trainer.epochs))
         return OnlineTeacher(teacher, optimizer, scheduler, **common)
-    if getattr(objective, "pairs_options", None) is not None:
-        # a diffusion teacher's (noise, ODE endpoint) pairs, sampled once into the output store
-        objective.use_pairs(teacher_pairs(teacher, data, store_root=stored.root,
-                                          **objective.pairs_options))
+    samples = getattr(objective, "stored_samples", None)
+    if samples is not None:
+        # teacher samples generated once into the output store (teachers/samples.py: a
+        # diffusion teacher's (noise, endpoint) pairs, an LM teacher's sequences); the
+        # objective reads them, not the teacher's per-step outputs
+        objective.use_samples(teacher_samples(samples, teacher, data, store_root=stored.root,
+                                              **objective.samples_options))
     outputs = outputs_for_run(stored, objective, teacher, cfg.teacher, teacher_info, data, device,
-                              reporter, mix, row)
-    return FrozenTeacher(teacher, outputs, dtype, feeds_training=objective.needs_teacher,
-                         **common)
+                              reporter, mix, signal.row_shape, signal.transform, signal.identity)
+    return FrozenTeacher(teacher, outputs, dtype,
+                         feeds_training=objective.needs_teacher and samples is None,
+                         transform=signal.transform, **common)

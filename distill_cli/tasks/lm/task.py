@@ -7,7 +7,12 @@ teacher store   the teacher is a student run of this task with `teacher.train.lo
 evaluation      over the counted tokens of a split: NLL, perplexity, next-token accuracy, and
                 against the teacher's logits top-1 agreement and the mean token KL(teacher ‖
                 student); `best` by val -NLL; samples from fixed test prompts (samples_<tag>.txt)
-stored output   the teacher's full [T, V] logits per block (the top-k store is to come)
+stored output   for an objective that reads packed top-k (`accepts_topk`, loss=topk): per block
+                the [T, 2k] rows of `divergences.pack_topk` (top-k log-probabilities, then
+                their indices), stored in teacher.outputs_dtype and served alike live; float16
+                holds the indices exactly only for V <= 2048 (refused above: float32). Any other
+                objective: the teacher's full [T, V] logits. Evaluation references (agreement,
+                token KL) stay dense: with top-k rows they are computed live, once a run.
 """
 from __future__ import annotations
 
@@ -19,11 +24,14 @@ import torch.nn.functional as F
 
 from distill_cli.config.build import build_model
 from distill_cli.errors import UserError
-from distill_cli.tasks.base import Task
+from distill_cli.tasks.base import StoredSignal, Task
 from distill_cli.tasks.classification.evaluate import predict
 from distill_cli.tasks.lm.columns import REPORT_COLUMNS
 
 IGNORE = -100
+# the largest vocabulary whose indices (0 .. V-1) a stored dtype holds exactly: float16 has an
+# 11-bit significand (every integer up to 2048), float32 a 24-bit one
+EXACT_VOCAB = {"float16": 2048, "float32": 2 ** 24 - 1}   # (pack_topk: V < 2^24)
 
 
 class LMTask(Task):
@@ -74,6 +82,32 @@ class LMTask(Task):
 
     def stored_row_shape(self, data):
         return (int(data.input_shape[-1]), int(data.num_classes))
+
+    def stored_signal(self, objective, data, dtype):
+        """Packed top-k rows `[T, 2k]` for an objective that reads them (`accepts_topk`: a
+        table V/2k times smaller than `[T, V]` logits in the same dtype: 196x at V = 50,257,
+        k = 128), else the dense logits. Checked here, before any teacher runs, because the
+        live path packs and rounds alike: a k the vocabulary cannot serve, or indices the
+        dtype cannot hold."""
+        if not getattr(objective, "accepts_topk", False):
+            return super().stored_signal(objective, data, dtype)
+        T, V, k = int(data.input_shape[-1]), int(data.num_classes), int(objective.k)
+        if k > V:
+            raise UserError(f"top-k k = {k} exceeds the vocabulary size {V}", "loss.k",
+                            f"Use k <= {V}")
+        if 2 * k == V:   # the objectives tell dense [.., V] from packed [.., 2k] by the width
+            raise UserError(f"k = {k} = V/2 packs the top-k rows to the width of dense logits "
+                            f"({V})", "loss.k", f"Use k = {k + 1} (or any k != {k})")
+        limit = EXACT_VOCAB.get(dtype)
+        if limit is not None and V > limit:
+            raise UserError(f"teacher.outputs_dtype={dtype} cannot hold the vocabulary indices "
+                            f"of the packed top-k rows exactly (V = {V} > {limit})",
+                            "teacher.outputs_dtype",
+                            "Use teacher.outputs_dtype=float32 (exact indices below 2^24)")
+        from distill_cli.tasks.lm.divergences import pack_topk
+
+        return StoredSignal((T, 2 * k), lambda logits: pack_topk(logits, k),
+                            {"form": "topk_logprobs", "k": k})
 
     def artifacts(self, model, run_dir, tag, data, logger, source):
         """Samples from fixed prompts (the first tokens of the first test blocks), greedy and

@@ -120,12 +120,13 @@ def check_distance(kind: str, allowed: tuple[str, ...]) -> str:
 
 
 def pair_batch(objective, batch, dtype) -> tuple[Tensor, Tensor]:
-    """The (noise, endpoint) pairs of `batch.index`, handed over by the runner (`use_pairs`:
-    training/teacher_setup.py serves distill_cli/teachers/pairs.py's `teacher_pairs`, built
-    from the teacher and `objective.pairs_options` once into the output store)."""
+    """The (noise, endpoint) pairs of `batch.index`, handed over by the runner (`use_samples`:
+    training/teacher_setup.py serves teachers/samples.py's kind "pairs", i.e.
+    distill_cli/teachers/pairs.py's `teacher_pairs`, built from the teacher and
+    `objective.samples_options` once into the output store)."""
     if objective.pairs is None:
         raise RuntimeError(f"loss={objective.name} trains on the teacher's stored pairs, but "
-                           "none were handed to it (use_pairs) before its first step")
+                           "none were handed to it (use_samples) before its first step")
     noise, endpoint = objective.pairs.get(batch.index)
     return noise.to(dtype), endpoint.to(dtype)
 
@@ -133,6 +134,22 @@ def pair_batch(objective, batch, dtype) -> tuple[Tensor, Tensor]:
 def pairs_options(node) -> dict:
     """The `pairs` node as teacher_pairs' keyword options (the runner adds store_root)."""
     return dict(node or {})
+
+
+class StoredPairs:
+    """Mixin of the methods that train on the teacher's stored (noise, endpoint) pairs: the
+    runner builds them once (teachers/samples.py, kind "pairs") from `samples_options` (the
+    YAML's `pairs:` node) and hands them over with `use_samples`."""
+
+    stored_samples = "pairs"
+
+    def init_pairs(self, node) -> None:
+        self.samples_options = pairs_options(node)
+        self.pairs = None
+
+    def use_samples(self, pairs) -> None:
+        """The runner hands over the teacher's pairs (`get(index) -> (noise, endpoint)`)."""
+        self.pairs = pairs
 
 
 # ----------------------------------------------------------------------------- per-sample draws

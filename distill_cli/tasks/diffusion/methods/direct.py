@@ -10,11 +10,11 @@ from distill_cli.errors import UserError
 from distill_cli.losses.base import StepObjective
 from distill_cli.models.diffusion.samplers import initial_noise
 from distill_cli.tasks.diffusion.methods.common import (
+    StoredPairs,
     adopt_teacher_guidance,
     check_denoiser,
     copy_teacher_weights,
     pair_batch,
-    pairs_options,
     unwrap,
 )
 
@@ -27,7 +27,7 @@ def quantise(x: Tensor) -> Tensor:
     return torch.floor(x.clamp(-1.0, 1.0) * 127.5 + 127.5) / 127.5 - 1.0
 
 
-class Direct(StepObjective):
+class Direct(StoredPairs, StepObjective):
     """The student maps the teacher's initial noise to the teacher's ODE endpoint in ONE
     evaluation.
 
@@ -67,12 +67,7 @@ class Direct(StepObjective):
             raise UserError(f"unknown parameterisation {param!r}", "loss.param",
                             f"Use null (the teacher's) or one of: {', '.join(PARAMS)}")
         self.distance, self.quantise_targets, self.param = distance, bool(quantise_targets), param
-        self.pairs_options = pairs_options(pairs)
-        self.pairs = None
-
-    def use_pairs(self, pairs) -> None:
-        """The runner hands over the teacher's pairs (`get(index) -> (noise, endpoint)`)."""
-        self.pairs = pairs
+        self.init_pairs(pairs)
 
     def bind(self, student, teacher, data) -> None:
         model = check_denoiser(student, "student", self.name)

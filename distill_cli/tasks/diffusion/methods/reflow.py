@@ -13,13 +13,13 @@ from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.tasks.diffusion.methods.common import (
     NoiseSeeded,
     SampleDraws,
+    StoredPairs,
     adopt_teacher_guidance,
     check_denoiser,
     col,
     copy_teacher_weights,
     distance,
     pair_batch,
-    pairs_options,
     per_sample_mean,
     positive_int,
     unwrap,
@@ -62,7 +62,7 @@ def check_randomness(spec) -> str | None:
                     "README: warmup_300000), exp_K, cos_K or fix_B (a constant B in [0, 1])")
 
 
-class Reflow(NoiseSeeded, StepObjective):
+class Reflow(StoredPairs, NoiseSeeded, StepObjective):
     """Reflow: a flow student trained on the teacher's FIXED (noise, endpoint) coupling, so
     its paths straighten and few Euler steps suffice.
 
@@ -130,13 +130,8 @@ class Reflow(NoiseSeeded, StepObjective):
                             f"{init_from_teacher!r}", "loss.init_from_teacher",
                             "Use auto (copy only a flow/velocity teacher's weights)")
         self.init_from_teacher = init_from_teacher
-        self.pairs_options = pairs_options(pairs)
-        self.pairs = None
+        self.init_pairs(pairs)
         self.init_noise_seed()
-
-    def use_pairs(self, pairs) -> None:
-        """The runner hands over the teacher's pairs (`get(index) -> (noise, endpoint)`)."""
-        self.pairs = pairs
 
     def bind(self, student, teacher, data) -> None:
         model = check_denoiser(student, "student", self.name)
