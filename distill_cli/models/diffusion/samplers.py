@@ -41,7 +41,6 @@ from torch import Tensor
 from distill_cli.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from distill_cli.models.diffusion.denoiser import Denoiser
     from distill_cli.models.diffusion.noise import Process
 
 SAMPLERS = ("ddim", "ddpm", "euler", "heun", "consistency", "onestep")
