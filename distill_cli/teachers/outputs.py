@@ -79,7 +79,7 @@ class TableStore:
     well-formed, its shape and dtype are the ones asked for, every row matches the hash and
     every value is finite; anything else is rebuilt (under the entry's lock), never used. The
     teacher's logits (TeacherOutputs) and a diffusion teacher's (noise, endpoint) pairs
-    (tasks/diffusion/pairs.py) are such tables."""
+    (teachers/pairs.py) and an LM teacher's sequences (teachers/sequences.py) are such tables."""
 
     def __init__(self, root: str | Path, row_shape: tuple[int, ...], dtype: str = "float32",
                  reporter=None):
