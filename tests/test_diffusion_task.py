@@ -130,3 +130,27 @@ def test_a_diffusion_loss_under_the_classification_task_is_refused(tmp_path):
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "task=diffusion" in proc.stderr
+
+
+@pytest.mark.parametrize("recipe,shape", [("diffusion_digits", (1, 8, 8)),
+                                          ("diffusion_fmnist", (1, 28, 28)),
+                                          ("diffusion_cifar10", (3, 32, 32))])
+def test_every_diffusion_recipe_composes_and_builds(recipe, shape):
+    """Each diffusion_* recipe composes into a diffusion run whose objective, teacher and student
+    denoisers and feature classifier build on data of its dataset's shape (a synthetic stand-in),
+    and one teacher/student call maps (noisy image, time) to an image-shaped prediction."""
+    from distill_cli.config.build import build_model, build_objective, build_task
+    from distill_cli.data.fake import build as fake
+
+    cfg = make_cfg([f"recipe={recipe}"])
+    assert cfg.task._target_.endswith("DiffusionTask")
+    assert build_objective(cfg.loss).task_name == "diffusion"
+    assert build_objective(cfg.teacher.train.loss).task_name == "diffusion"
+    task = build_task(cfg.task)
+    stand_in = fake(shape=list(shape), num_classes=10, train_size=16, test_size=8)
+    z, t = torch.randn(2, *shape), torch.full((2,), 0.5)
+    for key in ("teacher", "student"):
+        model = task.build_model(cfg[key], key, stand_in)
+        assert model(z, t).shape == (2, *shape), key
+    feature = build_model(task.stored_models()["feature_net"], "feature_net", stand_in)
+    assert feature(z).shape == (2, 10)
