@@ -36,6 +36,8 @@ CASES = {
     + ["loss=dsm", "teacher=none"],
     # distils the store-trained denoiser (trained once, inside torchrun, by rank 0)
     "progressive": [*TINY, *GROUPS, "loss=progressive", "loss.start_steps=4"],
+    # three networks: the generator (DDP), the critic (averaged by the topology) and its head
+    "dmd2": [*TINY, *GROUPS, "loss=dmd2", "loss.ratio=2", "trainer.epochs=1"],
 }
 
 
@@ -43,11 +45,18 @@ def last(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
 
 
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     """tests/test_ddp.py's tolerance: 1e-5 relative to the tensor's largest entry."""
     if not a.is_floating_point():
         return torch.equal(a, b)
-    return torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    return torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max()))
+
+
+# DMD2's critic (8 steps, each a critic step): its gradient is a sum over the batch in another
+# order on two ranks (halves, then an all-reduce), and Adam's m/sqrt(v) turns the rounding of
+# near-zero gradient entries into visible steps: one weight of two tensors differed by ~3e-5 of
+# the tensor's largest entry (measured); every other weight agrees to 1e-5
+TOLERANCE = {"model": 1e-5, "critic_model": 1e-4}
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
@@ -57,10 +66,13 @@ def test_two_ranks_train_the_diffusion_student_one_process_trains(tmp_path, meth
     launch([*args, "hydra.run.dir=one"], tmp_path, ranks=None, timeout=600)
     one_ckpt, two_ckpt = last(tmp_path / "one"), last(tmp_path / "two")
     assert one_ckpt["state"]["step"] == two_ckpt["state"]["step"] > 0
-    a, b = one_ckpt["model"], two_ckpt["model"]
-    assert set(a) == set(b)
-    bad = [k for k in a if not close(a[k], b[k])]
-    assert not bad, (bad[:5], two.stdout[-2000:])
+    for part in ("model", "critic_model") if "critic_model" in one_ckpt else ("model",):
+        a, b = one_ckpt[part], two_ckpt[part]
+        assert set(a) == set(b)
+        bad = [k for k in a if not close(a[k], b[k], TOLERANCE[part])]
+        assert not bad, (part, [(k, float((a[k] - b[k]).abs().max()), float(a[k].abs().max()),
+                                 int(((a[k] - b[k]).abs() > 1e-5 * a[k].abs().max()).sum()))
+                                for k in bad[:5]], two.stdout[-2000:])
     # the objective's state: the same noise seed on every rank and in the one process (and,
     # for progressive, the same round and round-start snapshot)
     oa, ob = one_ckpt["objective"], two_ckpt["objective"]

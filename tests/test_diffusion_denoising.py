@@ -12,11 +12,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from distill_cli.data.bundle import Batch
+from distill_cli.draws import SampleDraws
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext
 from distill_cli.models.diffusion.denoiser import Denoiser
 from distill_cli.models.diffusion.noise import build_process
-from distill_cli.tasks.diffusion.methods.common import SampleDraws
 from distill_cli.tasks.diffusion.methods.denoising import Denoising
 
 D = torch.float64

@@ -22,11 +22,11 @@ from torch import nn
 
 from distill_cli.config import build
 from distill_cli.data.bundle import Batch
+from distill_cli.draws import SampleDraws
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext
 from distill_cli.models.diffusion.denoiser import Denoiser
 from distill_cli.models.diffusion.samplers import sample
-from distill_cli.tasks.diffusion.methods.common import SampleDraws
 from distill_cli.tasks.diffusion.methods.consistency import (
     ConsistencyDistillation,
     ConsistencyTraining,

@@ -18,7 +18,8 @@ from distill_cli.errors import UserError
 TEACHER_SOURCE_KEYS = ("checkpoint", "seed", "train", "outputs", "outputs_dtype")
 # Keys of a loss node that the launcher reads, not the objective's constructor (BD-KD's online
 # teacher trains with its own optimizer and scheduler).
-LOSS_RUN_KEYS = ("teacher_optimizer", "teacher_scheduler")
+# keys of a loss node the runner reads (the networks a topology trains besides the student)
+LOSS_RUN_KEYS = ("teacher_optimizer", "teacher_scheduler", "critic_optimizer", "critic_scheduler")
 
 
 def instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:

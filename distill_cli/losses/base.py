@@ -119,3 +119,33 @@ class StepObjective(Objective):
         """The terms of one training step; `batch` has `index` (positions in the training
         split), `x` and `y`."""
         raise NotImplementedError
+
+
+class CriticObjective(StepObjective):
+    """Trains a CRITIC online next to a frozen teacher: a second network (the fake-score
+    network of distribution-matching distillation, with an optional GAN head) with its own
+    optimizer and scheduler (`loss.critic_optimizer` / `loss.critic_scheduler`, default the
+    student's), its own gradient clip (`critic_grad_clip`) and update ratio. The runner builds
+    it once with `build_critic(teacher)`; `step_terms(student, topology, batch, ctx)` gets the
+    topology (teachers/topology.py `CriticTopology`: `.model` the frozen teacher, `.critic`) and
+    returns the student's terms (`loss`) and the critic's (`critic_loss`, `critic_*`).
+
+    Order (`critic_first`):
+    - False (DMD2): both losses from one forward, one backward, both networks stepped together.
+      Each loss sees the other network detached (the student's loss reads the critic through
+      detached parameters; the critic trains on the student's detached samples), so this is
+      the authors' generator-then-critic order: the critic learns from the samples the
+      generator made before its update.
+    - True (SiD): the objective calls `topology.update_critic(loss)` first; the student's terms
+      then read the updated critic.
+    A step where only the critic learns (a two-time-scale ratio) returns a `loss` without a
+    graph: the student's optimizer then changes nothing."""
+
+    critic_first: bool = False
+    critic_grad_clip: float | None = None
+
+    def build_critic(self, teacher: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def train_terms(self, student, forward, teacher, batch, ctx):
+        return self.step_terms(student, teacher, batch, ctx)

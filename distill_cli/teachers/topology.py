@@ -15,8 +15,8 @@ teacher setup; the engine calls the hooks below and has no branch per topology:
     epoch_metrics()           validation metrics tracked every epoch (a teacher that learns)
     summary()                 summary.json fields: stored or live, output-store hit rate
 
-A new family adds a topology here (e.g. an online fake-score network that trains with its own
-optimizer and update ratio) without touching the engine.
+A new family adds a topology here without touching the engine (`CriticTopology`: a frozen teacher
+and an online critic with its own optimizer, for distribution-matching distillation).
 """
 from __future__ import annotations
 
@@ -238,3 +238,77 @@ class OnlineTeacher(TeacherSignal):
             return {}
         t_val = self.task.score(self._val, self.data.val.targets)
         return {keys.join(keys.VAL, f"teacher_{k}"): v for k, v in t_val.items() if k != "n"}
+
+
+class CriticTopology(FrozenTeacher):
+    """A frozen teacher (run live, evaluated like any frozen teacher) and a CRITIC that trains
+    online with its own optimizer, scheduler and gradient clip (losses/base.py
+    `CriticObjective`: DMD's fake-score network and GAN head). The objective reads `model` and
+    `critic` itself and returns the critic's loss as `critic_loss`: trained by the step's one
+    backward with the student's (`critic_first` False), or by `update_critic` before the
+    student's terms are computed (True). State: `critic_model`, `critic_optimizer`,
+    `critic_scheduler` in every checkpoint."""
+
+    def __init__(self, model: nn.Module, critic: nn.Module, optimizer, scheduler, *,
+                 critic_first: bool, grad_clip: float | None, world, **kw):
+        super().__init__(model, None, feeds_training=False, **kw)
+        self.critic, self.optimizer, self.scheduler = critic, optimizer, scheduler
+        self.critic_first, self.grad_clip, self.world = bool(critic_first), grad_clip, world
+
+    def train_logits(self, batch):
+        raise RuntimeError("a critic objective runs the teacher itself (step_terms)")
+
+    def backward_loss(self, terms: dict) -> torch.Tensor:
+        if self.critic_first:   # stepped already; a non-finite critic loss still stops the run
+            return terms["loss"] + 0.0 * terms["critic_loss"].detach()
+        return terms["loss"] + terms["critic_loss"]
+
+    def update_critic(self, loss: torch.Tensor) -> None:
+        """One critic step now (critic_first): backward of `loss` into the critic only (it
+        reads the student's samples detached), averaged over ranks, clipped, stepped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._apply(None)
+
+    def _apply(self, scaler) -> None:
+        params = self.trained_parameters()
+        if self.critic_first:   # under torchrun: the engine averages only its own backward's
+            self.world.average_gradients(params)
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(params, float(self.grad_clip))
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)
+        self.scheduler.step()
+
+    def zero_grad(self) -> None:
+        if not self.critic_first:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def unscale(self, scaler) -> None:
+        if not self.critic_first:
+            scaler.unscale_(self.optimizer)
+
+    def clip_grad(self, max_norm: float) -> None:
+        """The critic has its own clip (`critic_grad_clip`), applied in `step`."""
+
+    def step(self, scaler) -> None:
+        if not self.critic_first:
+            self._apply(scaler)
+
+    def train(self) -> None:
+        self.critic.train()
+
+    def trained_parameters(self) -> list:
+        return [p for p in self.critic.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict:
+        return {"critic_model": self.critic.state_dict(),
+                "critic_optimizer": self.optimizer.state_dict(),
+                "critic_scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.critic.load_state_dict(ckpt["critic_model"])
+        self.optimizer.load_state_dict(ckpt["critic_optimizer"])
+        self.scheduler.load_state_dict(ckpt["critic_scheduler"])

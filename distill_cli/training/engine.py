@@ -215,7 +215,8 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         self.teacher.zero_grad()
         loss = self.teacher.backward_loss(terms)
-        self.scaler.scale(loss).backward()
+        if loss.requires_grad:   # no graph: a step where only a critic learned (its own step)
+            self.scaler.scale(loss).backward()
         self.world.average_gradients(self.unwrapped_parameters)
         if self.skip_nonfinite:
             # every rank ran its backward (DDP needs them all); all skip if any saw nan/inf.

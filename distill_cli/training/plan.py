@@ -13,7 +13,7 @@ from distill_cli.data import unlabeled
 from distill_cli.data.mixing import MIX_OFF, MixSpec
 from distill_cli.errors import UserError
 from distill_cli.evaluation.adversarial import pgd_settings
-from distill_cli.losses.base import Objective
+from distill_cli.losses.base import CriticObjective, Objective
 from distill_cli.tasks.base import Task
 from distill_cli.training.distributed import SINGLE, World
 from distill_cli.training.settings import check_numbers
@@ -136,6 +136,11 @@ def checked_plan(cfg: DictConfig, world: World = SINGLE) -> Plan:
     task.check_objective(objective_class(cfg.loss))
     objective = build_objective(cfg.loss)
     check_data_parallel(cfg, objective, world)
+    if isinstance(objective, CriticObjective) and str(cfg.trainer.precision) == "fp16":
+        raise UserError(f"loss={type(objective).__name__} trains a critic next to the student, "
+                        "and fp16's loss scaling is not supported for two networks' updates "
+                        "(DMD2's authors: fp16 diverges)", "trainer.precision",
+                        "Use trainer.precision=bf16 (the authors' choice) or 32")
     mix = MixSpec.from_config(cfg.augment.mix)
     if mix.enabled and not objective.accepts_soft_targets:
         raise UserError(f"loss={type(objective).__name__} indexes by the hard label, so it "

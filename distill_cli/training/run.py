@@ -141,6 +141,8 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
         model, info = resolve_teacher(node, teacher_data, device, console(0),
                                       store_access(cfg, teacher_data, tty, run), role=name)
         task.use_stored(name, model, info)
+        if hasattr(objective, "use_stored"):   # e.g. DMD's regression in the classifier's space
+            objective.use_stored(name, model, teacher_data)
         teacher_info.update({keys.join(name, k): v for k, v in info.items()})
     if world.is_main:
         world.barrier()
@@ -194,7 +196,7 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
     topology = choose_topology(cfg, task=task, objective=objective, teacher=teacher, pool=pool,
                                teacher_info=teacher_info, data=data, device=device,
                                reporter=reporter, mix=plan.mix, steps_per_epoch=steps_per_epoch,
-                               channels_last=settings.channels_last)
+                               channels_last=settings.channels_last, world=world)
     summary.update(topology.summary())
     data_seed = int(cfg.data_seed)
     engine = Engine(task=task, student=student, objective=objective, teacher=topology, data=data,

@@ -3,24 +3,26 @@
     PoolObjective     -> TeacherPool     (the `teachers` list; stored tables unless it steps itself)
     no teacher        -> TeacherSignal   (nothing to read)
     OnlineObjective   -> OnlineTeacher   (a fresh teacher with its own optimizer and scheduler)
+    CriticObjective   -> CriticTopology  (a frozen teacher and an online critic: DMD's fake score)
     anything else     -> FrozenTeacher   (stored outputs when possible, else live)
 
 The engine only calls the topology's hooks (teachers/topology.py).
 """
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 
 from distill_cli import keys
 from distill_cli.config.build import build_optimizer, build_scheduler
-from distill_cli.losses.base import OnlineObjective, PoolObjective
+from distill_cli.losses.base import CriticObjective, OnlineObjective, PoolObjective
 from distill_cli.teachers.build import StoreAccess
 from distill_cli.teachers.outputs import OutputSettings, outputs_for_pool, outputs_for_run
 from distill_cli.teachers.pool import resolve_pool
 from distill_cli.teachers.resolve import resolve_teacher
 from distill_cli.teachers.samples import teacher_samples
-from distill_cli.teachers.topology import (FrozenTeacher, OnlineTeacher, TeacherPool,
-                                           TeacherSignal)
+from distill_cli.teachers.topology import (CriticTopology, FrozenTeacher, OnlineTeacher,
+                                           TeacherPool, TeacherSignal)
 
 
 def teacher_models(cfg: DictConfig, objective, data, device, reporter, access: StoreAccess
@@ -56,8 +58,8 @@ def output_settings(cfg: DictConfig, channels_last: bool) -> OutputSettings:
 
 
 def choose_topology(cfg: DictConfig, *, task, objective, teacher, pool: list, teacher_info: dict,
-                    data, device, reporter, mix, steps_per_epoch: int, channels_last: bool
-                    ) -> TeacherSignal:
+                    data, device, reporter, mix, steps_per_epoch: int, channels_last: bool,
+                    world=None) -> TeacherSignal:
     common = dict(task=task, data=data, eval_batch_size=int(cfg.trainer.eval_batch_size),
                   device=device, precision=cfg.trainer.precision)
     dtype = str(cfg.teacher.outputs_dtype)
@@ -85,6 +87,18 @@ def choose_topology(cfg: DictConfig, *, task, objective, teacher, pool: list, te
         # objective reads them, not the teacher's per-step outputs
         objective.use_samples(teacher_samples(samples, teacher, data, store_root=stored.root,
                                               **objective.samples_options))
+    if isinstance(objective, CriticObjective):
+        critic = objective.build_critic(teacher).to(device)
+        if channels_last:
+            critic.to(memory_format=torch.channels_last)
+        optimizer, scheduler = optimizer_and_schedule(
+            cfg.loss.get("critic_optimizer", cfg.optimizer),
+            cfg.loss.get("critic_scheduler", cfg.scheduler),
+            [p for p in critic.parameters() if p.requires_grad], steps_per_epoch,
+            int(cfg.trainer.epochs))
+        return CriticTopology(teacher, critic, optimizer, scheduler,
+                              critic_first=objective.critic_first,
+                              grad_clip=objective.critic_grad_clip, world=world, **common)
     outputs = outputs_for_run(stored, objective, teacher, cfg.teacher, teacher_info, data, device,
                               reporter, mix, signal.row_shape, signal.transform, signal.identity)
     return FrozenTeacher(teacher, outputs, dtype,

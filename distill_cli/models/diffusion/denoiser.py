@@ -94,7 +94,8 @@ class Denoiser(nn.Module):
 
     def __init__(self, net: nn.Module, *, process: str | Process, param: str, num_classes: int,
                  conditional: bool, sampler: str = "auto", steps: int = 32, guidance: float = 1.0,
-                 sigma_data: float = 0.5, stages: tuple[str, ...] = (), feature_dim: int = 0):
+                 sigma_data: float = 0.5, stages: tuple[str, ...] = (), feature_dim: int = 0,
+                 start_sigma: float | None = None):
         super().__init__()
         self.net = net
         self.process = _as_process(process)
@@ -123,6 +124,9 @@ class Denoiser(nn.Module):
         self.stages = tuple(p if p.startswith("net.") else "net." + p for p in stages)
         self.feature_dim = int(feature_dim or getattr(net, "feature_dim", 0))
         self.classifier = "net.out"
+        # a one-step generator that starts below t_max (SiD's G(sigma_init z, sigma_init),
+        # sigma_init = 2.5): its one move is from t_of_sigma(start_sigma); None = from t_max
+        self.start_sigma = None if start_sigma is None else float(start_sigma)
 
     # ---- time and coefficients -------------------------------------------------------------
     def _times(self, t, z: Tensor) -> Tensor:
@@ -253,7 +257,8 @@ class Denoiser(nn.Module):
 
     # ---- re-purposing and sampling ------------------------------------------------------------
     def set_diffusion(self, *, process: str | Process | None = None, param: str | None = None,
-                      sampler: str | None = None, steps: int | None = None) -> None:
+                      sampler: str | None = None, steps: int | None = None,
+                      start_sigma: float | None = None) -> None:
         """Change what the backbone's output means / how the model samples; keeps the weights
         (progressive distillation: v on vp_cosine; consistency: the 'consistency' param)."""
         new_process = self.process if process is None else _as_process(process)
@@ -264,6 +269,16 @@ class Denoiser(nn.Module):
             self.sampler = _check_sampler(sampler)
         if steps is not None:
             self.steps = _check_steps(steps)
+        if start_sigma is not None:
+            self.start_sigma = float(start_sigma)
+
+    def start_time(self) -> float:
+        """Where `generate` starts: t_max, or a one-step generator's t_of_sigma(start_sigma)."""
+        p = self.process
+        if self.start_sigma is None:
+            return float(p.t_max)
+        t = float(p.t_of_sigma(torch.tensor(self.start_sigma, dtype=torch.float64)))
+        return min(max(t, float(p.t_min)), float(p.t_max))
 
     @property
     def resolved_sampler(self) -> str:
@@ -274,11 +289,16 @@ class Denoiser(nn.Module):
     def generate(self, noise: Tensor, y: Tensor | None = None, steps: int | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
         """Images in [-1, 1] from standard-normal `noise` with the model's own sampler."""
-        return samplers.sample(self, noise, y, steps=self.steps if steps is None else steps,
-                               method=self.resolved_sampler, guidance=self.guidance,
-                               generator=generator)
+        steps = self.steps if steps is None else steps
+        grid = None
+        if self.start_sigma is not None and self.resolved_sampler == "onestep":
+            grid = torch.tensor([self.start_time(), float(self.process.t_min)],
+                                dtype=torch.float64)
+        return samplers.sample(self, noise, y, steps=steps, method=self.resolved_sampler,
+                               guidance=self.guidance, generator=generator, grid=grid)
 
     def extra_repr(self) -> str:
         return (f"process={self.process.name}, param={self.param}, conditional="
                 f"{self.conditional}, sampler={self.sampler}, steps={self.steps}, "
-                f"guidance={self.guidance}")
+                f"guidance={self.guidance}"
+                + ("" if self.start_sigma is None else f", start_sigma={self.start_sigma}"))

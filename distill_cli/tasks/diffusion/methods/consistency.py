@@ -8,11 +8,11 @@ import math
 import torch
 from torch import Tensor
 
+from distill_cli.draws import NoiseSeeded
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.models.diffusion.noise import build_process
 from distill_cli.tasks.diffusion.methods.common import (
-    NoiseSeeded,
     adopt_teacher_guidance,
     check_denoiser,
     check_distance,

@@ -37,15 +37,11 @@ import math
 
 import torch
 
+from distill_cli.draws import NoiseSeeded, SampleDraws
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.models.diffusion.denoiser import Denoiser
-from distill_cli.tasks.diffusion.methods.common import (
-    NoiseSeeded,
-    SampleDraws,
-    col,
-    unwrap,
-)
+from distill_cli.tasks.diffusion.methods.common import col, unwrap
 
 WEIGHTINGS = ("uniform", "snr_trunc", "edm")
 TIME_SAMPLING = ("uniform", "lognormal")
@@ -141,15 +137,21 @@ class Denoising(NoiseSeeded, StepObjective):
         return (snr + 1.0 / core.sigma_data ** 2).float()    # edm: 1/sigma^2 + 1/sd^2
 
     def step_terms(self, student, teacher, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
-        core = unwrap(student)
-        x = batch.x.float()
-        draws = self.draws(batch, ctx)     # the order below is the docstring's
+        return self.terms(student, batch.x.float(), batch.y, self.draws(batch, ctx))
+
+    def terms(self, model, x: torch.Tensor, y: torch.Tensor | None, draws: SampleDraws
+              ) -> dict[str, torch.Tensor]:
+        """The loss of `model` (a Denoiser, possibly DDP-wrapped: called through its forward)
+        on clean images `x` [B, ...], drawing from `draws` in the docstring's order. Also the
+        fake-score networks' loss of the distribution-matching methods (matching.py), on the
+        generator's detached samples."""
+        core = unwrap(model)
         t = self.sample_times(core.process, draws)
         eps = draws.normal(*x.shape[1:], dtype=x.dtype)
         t64 = t.double()
         z = col(core.process.a(t64), x) * x + col(core.process.s(t64), x) * eps
-        y = self.labels(core, batch.y, draws)
-        out = student(z, t, y).float()       # the (possibly wrapped) module's forward
+        y = self.labels(core, y, draws)
+        out = model(z, t, y).float()         # the (possibly wrapped) module's forward
         uniform = self.weighting == "uniform"
         # the term that is not the loss is logged only: computed without a graph
         with torch.set_grad_enabled(uniform and torch.is_grad_enabled()):

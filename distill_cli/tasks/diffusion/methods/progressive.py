@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from distill_cli.draws import NoiseSeeded
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.models.diffusion.denoiser import Denoiser
 from distill_cli.tasks.diffusion.methods.common import (
-    NoiseSeeded,
     adopt_teacher_guidance,
     check_denoiser,
     col,

@@ -8,11 +8,10 @@ import math
 import torch
 from torch import Tensor
 
+from distill_cli.draws import NoiseSeeded, SampleDraws
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext, StepObjective
 from distill_cli.tasks.diffusion.methods.common import (
-    NoiseSeeded,
-    SampleDraws,
     StoredPairs,
     adopt_teacher_guidance,
     check_denoiser,
