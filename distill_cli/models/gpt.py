@@ -27,10 +27,14 @@ Zoo contract: `stages` = every block's output `blocks.<i>` (the residual stream 
 
 Decoding: `generate` runs incremental decoding with a per-layer key/value cache (`GPTCache`),
 positions offset by the tokens already cached; `forward(ids, cache)` is the same step in public.
+It samples from one generator for the batch, or from one generator PER ROW (a row's tokens then
+depend on its own generator only, not on the rows it is batched with: on-policy distillation
+under torchrun draws on each rank what one process draws for the same samples).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -228,8 +232,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
-                 eos_id: int | None = None, return_logprobs: bool = False):
+                 top_k: int | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 eos_id: int | None = None, return_logprobs: bool = False,
+                 last_unfed: bool = False):
         """Continue the prompts ids [B, T0] by up to `max_new_tokens` tokens -> [B, T0 + n].
 
         Samples from softmax(logits / temperature) restricted to the `top_k` largest logits,
@@ -239,21 +245,39 @@ class GPT(nn.Module):
         previous mode. The whole result must fit the context (T0 + max_new_tokens <= T), so it
         can be scored by a forward pass; a longer request is a ValueError.
 
+        `generator` may also be a list of B generators, one per row (on any device): row i then
+        draws `max_new_tokens` float64 uniforms u from its own generator up front and its j-th
+        new token is the inverse CDF of its distribution at u[j] (the first token whose
+        cumulative probability exceeds u[j] times the total) — an exact sample whose value
+        depends on row i's prompt and generator only, whatever else is in the batch.
+
+        `last_unfed=True` allows T0 + max_new_tokens = T + 1: the last new token is returned but
+        never fed (no position of its own is needed), so a result of T + 1 tokens is a full
+        block for a model of context T: inputs out[:, :-1], next-token targets out[:, 1:].
+
         `return_logprobs=True` returns (ids, logprobs [B, n]): log p(token | prefix) of each new
         token under the MODEL's distribution (temperature 1, no top-k), 0 after a row's eos.
         """
-        b, t0 = self._check_generate(ids, max_new_tokens, temperature, top_k, eos_id)
+        b, t0 = self._check_generate(ids, max_new_tokens, temperature, top_k, eos_id,
+                                     last_unfed)
         max_new_tokens = int(max_new_tokens)
+        uniforms = None
+        if isinstance(generator, (list, tuple)):
+            uniforms = self._row_uniforms(generator, b, max_new_tokens, temperature, ids.device)
         was_training = self.training
         self.eval()
         try:
-            cache = self.new_cache(t0 + max_new_tokens) if max_new_tokens else None
+            # the last new token is never fed: its position needs no cache slot
+            cache = self.new_cache(t0 + max_new_tokens - 1) if max_new_tokens else None
             tokens, logprobs = [ids], []
             done = torch.zeros(b, dtype=torch.bool, device=ids.device)
             logits = self(ids, cache)[:, -1] if max_new_tokens else None
             for step in range(max_new_tokens):
                 logits = logits if logits.dtype == torch.float64 else logits.float()
-                tok = self._pick(logits, temperature, top_k, generator)
+                if uniforms is None:
+                    tok = self._pick(logits, temperature, top_k, generator)
+                else:
+                    tok = self._pick_rows(logits, temperature, top_k, uniforms[:, step])
                 lp = F.log_softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0]
                 if eos_id is not None:
                     tok = tok.masked_fill(done, eos_id)
@@ -278,23 +302,60 @@ class GPT(nn.Module):
         """The next token [B] from last-position logits [B, V] (float32 or float64)."""
         if temperature == 0:
             return logits.argmax(dim=-1)
+        probs = GPT._sampling_probs(logits, temperature, top_k)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    @staticmethod
+    def _sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None
+                        ) -> torch.Tensor:
+        """softmax(logits / temperature) over the `top_k` largest logits (0 elsewhere)."""
         logits = logits / temperature
         if top_k is not None and top_k < logits.shape[-1]:
             kth = logits.topk(top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = F.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return F.softmax(logits, dim=-1)
 
-    def _check_generate(self, ids, max_new_tokens, temperature, top_k, eos_id):
+    @staticmethod
+    def _pick_rows(logits: torch.Tensor, temperature: float, top_k: int | None,
+                   u: torch.Tensor) -> torch.Tensor:
+        """The next token [B] by inverse CDF: row i's first token whose cumulative
+        probability (float64) exceeds u[i] * the row's total. A token of probability 0 is never
+        chosen (its cumulative value equals its predecessor's)."""
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        cdf = GPT._sampling_probs(logits, temperature, top_k).double().cumsum(-1)
+        target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+        tok = torch.searchsorted(cdf, target, right=True)[:, 0]
+        return tok.clamp_max(logits.shape[-1] - 1)   # u * total rounding up to the total
+
+    @staticmethod
+    def _row_uniforms(generators, b: int, n: int, temperature: float, device
+                      ) -> torch.Tensor | None:
+        """[B, n] float64 uniforms on `device`, row i from generators[i] (None when greedy:
+        nothing is drawn)."""
+        if len(generators) != b or not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(f"a list of generators needs one torch.Generator per prompt row "
+                             f"({b}), got {len(generators)} items")
+        if temperature == 0:
+            return None
+        if b == 0:
+            return torch.zeros(0, n, dtype=torch.float64, device=device)
+        return torch.stack([torch.rand(n, generator=g, dtype=torch.float64, device=g.device)
+                            .to(device) for g in generators])
+
+    def _check_generate(self, ids, max_new_tokens, temperature, top_k, eos_id,
+                        last_unfed=False):
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.shape[1] < 1:
             raise ValueError(f"generate takes prompts of token ids [B, T0] (int64, T0 >= 1), got "
                              f"a {ids.dtype} tensor of shape {tuple(ids.shape)}")
         b, t0 = ids.shape
         if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
-        if t0 + max_new_tokens > self.block_size:
+        room = self.block_size + (1 if last_unfed else 0)   # the unfed last token: no position
+        if t0 + max_new_tokens > room:
             raise ValueError(f"prompt of {t0} tokens + {max_new_tokens} new ones is longer than "
-                             f"the model's context length {self.block_size}")
+                             f"the model's context length {self.block_size}"
+                             + (" + 1 (last_unfed)" if last_unfed else ""))
         if not (temperature >= 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got "
                              f"{temperature}")
