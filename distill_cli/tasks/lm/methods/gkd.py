@@ -26,10 +26,10 @@ class GKD(TokenObjective):
     ce_weight 0. Our reduction is TRL's batchmean (a per-token mean); under gradient accumulation
     TRL divides by `num_items_in_batch` instead.
 
-    `lmbda` (TRL `GKDConfig.lmbda`, default 0.5): the fraction of steps trained on the student's
-    own samples (on-policy). Not used by this loss — the runner reads it; kept here so the
-    method's config is complete. TRL's `temperature` config (0.9) is the SAMPLING temperature of
-    those generations, not this loss's `temperature`.
+    `lmbda` (TRL `GKDConfig.lmbda`): accepted and checked but UNUSED — this loss is off-policy
+    (λ = 0: it never samples). TRL's on-policy steps (a fraction λ of steps trained on the
+    student's own samples, at sampling temperature 0.9) are loss=gkd_onpolicy
+    (methods/onpolicy.py).
     """
 
     def __init__(self, beta: float = 0.5, temperature: float = 1.0, lmbda: float = 0.5,
