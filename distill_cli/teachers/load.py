@@ -70,7 +70,11 @@ def frozen_from_checkpoint(node: DictConfig, ckpt: dict, data, device, key: str,
 
 def pretrained(arch: DictConfig, data, device) -> nn.Module:
     """A torchvision teacher with published weights (e.g. ImageNet ResNet-34): used as is, so
-    its classes must be the dataset's — a re-initialised head would make it no teacher."""
+    its classes must be the dataset's — a re-initialised head would make it no teacher.
+    A zoo model other than `tv` that takes `weights` loads them itself when built (`hf`: a
+    local Hugging Face model, models/hf.py, which checks its vocabulary against the data)."""
+    if arch.arch != "tv":
+        return build_model(arch, "teacher", data).to(device).eval().requires_grad_(False)
     import torchvision
 
     try:

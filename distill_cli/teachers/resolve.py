@@ -89,6 +89,8 @@ def resolve_teacher(node: DictConfig, data, device: torch.device, reporter,
     if not node.get("checkpoint") and arch.get("weights"):
         model = pretrained(arch, data, device)
         info = {keys.TEACHER_SOURCE: f"weights:{arch.weights}"}
+        if getattr(model, "fingerprint", None):   # hf: the files' SHA-256 keys stored outputs
+            info[keys.TEACHER_SOURCE] += f" sha256:{model.fingerprint}"
     elif not node.get("checkpoint"):
         model, info = from_store(node, data, device, reporter, access, role)
     else:
