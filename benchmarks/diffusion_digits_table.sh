@@ -1,16 +1,19 @@
 #!/bin/bash
 # The step-distillation table of benchmarks/results/diffusion_digits.md: every method on the
 # same stored teacher (diffusion_digits: unet_tiny, VP cosine, v, DDIM 16 steps), 3 seeds, one
-# run at a time at 1 thread (about 30 min on one core once the teacher is stored), then the
-# teacher's own FD at each step count and the report (FD per step count):
-#   bash benchmarks/diffusion_digits_table.sh [out dir, default /tmp/difftable]
+# run at a time at 1 thread (about 30 min on one core once the teacher is stored for the step
+# distillation methods; the distribution-matching ones, which run three networks a step, ~10 min
+# a run), then the teacher's own FD at each step count and the report (FD per step count):
+#   bash benchmarks/diffusion_digits_table.sh [out dir, default /tmp/difftable] [methods...]
 set -u
 OUT=${1:-/tmp/difftable}
+shift || true
+METHODS=${*:-progressive consistency consistency_training reflow direct dmd dmd2 sid fdistill phased_dmd}
 D=${DISTILL:-.venv/bin/distill}
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled
 mkdir -p $OUT/logs
 for seed in 0 1 2; do
-  for m in progressive consistency consistency_training reflow direct; do
+  for m in $METHODS; do
     dir=$OUT/$m/s$seed
     grep -qs '"status": "finished"' $dir/summary.json && continue   # rerunnable: done runs stay
     $D recipe=diffusion_digits loss=$m seed=$seed logger=none hydra.run.dir=$dir \
