@@ -1,0 +1,22 @@
+#!/bin/bash
+# The language-model table of benchmarks/results/lm_stdlib_tiny.md: every objective on the same
+# store-trained teacher (recipe=lm_stdlib_tiny: gpt d128x4 -> gpt_tiny, stdlib bytes), 3 seeds,
+# one run at a time at 1 thread (~1 min a run once the teacher is stored, ~6 min the first time),
+# then the report with mean ± std over seeds and wall time:
+#   bash benchmarks/lm_table.sh [out dir, default /tmp/lmtable3] [losses...]
+set -u
+OUT=${1:-/tmp/lmtable3}
+shift || true
+LOSSES=${*:-lm_ce fkl rkl gkd gkd_onpolicy skl srkl tvd topk lm_taid seqkd}
+D=${DISTILL:-.venv/bin/distill}
+export OMP_NUM_THREADS=1 WANDB_MODE=disabled
+mkdir -p $OUT/logs
+for seed in 0 1 2; do
+  for loss in $LOSSES; do
+    dir=$OUT/$loss/s$seed
+    grep -qs '"status": "finished"' $dir/summary.json && continue   # rerunnable: done runs stay
+    $D recipe=lm_stdlib_tiny loss=$loss seed=$seed logger=none hydra.run.dir=$dir \
+      > $OUT/logs/$loss-$seed.log 2>&1
+  done
+done
+${DISTILL_REPORT:-.venv/bin/distill-report} $OUT --format md
