@@ -38,6 +38,8 @@ CASES = {
     "progressive": [*TINY, *GROUPS, "loss=progressive", "loss.start_steps=4"],
     # three networks: the generator (DDP), the critic (averaged by the topology) and its head
     "dmd2": [*TINY, *GROUPS, "loss=dmd2", "loss.ratio=2", "trainer.epochs=1"],
+    # the critic steps FIRST, averaged over the ranks by the topology itself (update_critic)
+    "sid": [*TINY, *GROUPS, "loss=sid", "trainer.epochs=1"],
 }
 
 
@@ -50,6 +52,19 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     if not a.is_floating_point():
         return torch.equal(a, b)
     return torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max()))
+
+
+def live(name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries a gradient can move. An attention's KEY bias has a zero gradient exactly
+    (it adds q . b_k to every logit of a query: softmax ignores it), so, like the dead biases
+    above, Adam random-walks it on rounding noise; SiD's generator loss, back-propagated
+    through two frozen networks into the generator, makes that noise big enough to show
+    (the 16 key-bias entries of a 16-channel level, ~2e-4 of the tensor's largest entry)."""
+    if name.endswith("qkv.bias"):
+        q, _, v = a.chunk(3)
+        q2, _, v2 = b.chunk(3)
+        return torch.cat([q, v]), torch.cat([q2, v2])
+    return a, b
 
 
 # DMD2's critic (8 steps, each a critic step): its gradient is a sum over the batch in another
@@ -69,7 +84,7 @@ def test_two_ranks_train_the_diffusion_student_one_process_trains(tmp_path, meth
     for part in ("model", "critic_model") if "critic_model" in one_ckpt else ("model",):
         a, b = one_ckpt[part], two_ckpt[part]
         assert set(a) == set(b)
-        bad = [k for k in a if not close(a[k], b[k], TOLERANCE[part])]
+        bad = [k for k in a if not close(*live(k, a[k], b[k]), TOLERANCE[part])]
         assert not bad, (part, [(k, float((a[k] - b[k]).abs().max()), float(a[k].abs().max()),
                                  int(((a[k] - b[k]).abs() > 1e-5 * a[k].abs().max()).sum()))
                                 for k in bad[:5]], two.stdout[-2000:])

@@ -138,8 +138,9 @@ class CriticObjective(StepObjective):
       generator made before its update.
     - True (SiD): the objective calls `topology.update_critic(loss)` first; the student's terms
       then read the updated critic.
-    A step where only the critic learns (a two-time-scale ratio) returns a `loss` without a
-    graph: the student's optimizer then changes nothing."""
+    A step where only the critic learns (a two-time-scale ratio) returns no `loss` (nor the
+    student's other terms: the logs average each term over the steps that returned it): the
+    student's optimizer then changes nothing."""
 
     critic_first: bool = False
     critic_grad_clip: float | None = None

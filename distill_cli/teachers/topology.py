@@ -259,9 +259,11 @@ class CriticTopology(FrozenTeacher):
         raise RuntimeError("a critic objective runs the teacher itself (step_terms)")
 
     def backward_loss(self, terms: dict) -> torch.Tensor:
+        # `loss` is absent on a step where only the critic learns (a two-time-scale ratio)
+        student = terms.get("loss", 0.0)
         if self.critic_first:   # stepped already; a non-finite critic loss still stops the run
-            return terms["loss"] + 0.0 * terms["critic_loss"].detach()
-        return terms["loss"] + terms["critic_loss"]
+            return student + 0.0 * terms["critic_loss"].detach()
+        return student + terms["critic_loss"]
 
     def update_critic(self, loss: torch.Tensor) -> None:
         """One critic step now (critic_first): backward of `loss` into the critic only (it

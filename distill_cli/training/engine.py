@@ -48,6 +48,9 @@ class TrainState:
     best_score: float = float("-inf")
     best_epoch: int = 0
     epoch_sums: dict = field(default_factory=dict)   # partial-epoch sums of train terms
+    # how many steps returned each term (a critic objective's generator terms come every
+    # `ratio`-th step only; absent = every non-skipped step, as before this field existed)
+    epoch_counts: dict = field(default_factory=dict)
     epoch_images: int = 0
     epoch_train_s: float = 0.0
     images_per_s: float = 0.0  # last finished epoch
@@ -294,6 +297,9 @@ class Engine:
         while s.epoch < cfg.epochs:
             epoch = s.epoch + 1
             sums = {k: torch.tensor(v, device=self.device) for k, v in s.epoch_sums.items()}
+            counts = {k: int(s.epoch_counts.get(k, s.epoch_step - s.epoch_skipped))
+                      for k in sums}
+            window_counts: dict[str, int] = {}
             window: dict[str, torch.Tensor] = {}
             window_n = 0
             t0 = time.perf_counter()
@@ -310,6 +316,8 @@ class Engine:
                     for k, v in terms.items():
                         v = v.detach().float()
                         sums[k] = sums[k] + v if k in sums else v
+                        counts[k] = counts.get(k, 0) + 1
+                        window_counts[k] = window_counts.get(k, 0) + 1
                         window[k] = window[k] + v if k in window else v
                     window_n += 1
                 s.step += 1
@@ -317,12 +325,12 @@ class Engine:
                 s.epoch_images += len(batch.y) * self.world.size   # the global batch
                 if s.step % log_every == 0:   # the only host sync of the loop
                     self._check_finite(epoch)
-                    values = {k: float(v) / window_n for k, v in window.items()}
+                    values = {k: float(v) / window_counts[k] for k, v in window.items()}
                     values[keys.LR] = self.optimizer.param_groups[0]["lr"]
                     self.reporter.step(s.step, epoch, values)
                     self.logger.log({keys.join(keys.TRAIN, k): v for k, v in values.items()},
                                     s.step)
-                    window, window_n = {}, 0
+                    window, window_n, window_counts = {}, 0, {}
                 else:
                     self.reporter.step(s.step, epoch, None)
                 stopping = self.world.any(self.stop.signum is not None) or (
@@ -330,6 +338,7 @@ class Engine:
                 if stopping or (ckpt_every and s.step % ckpt_every == 0):
                     self._check_finite(epoch)   # never a non-finite last.pt
                     s.epoch_sums = {k: float(v) for k, v in sums.items()}
+                    s.epoch_counts = dict(counts)
                     s.epoch_train_s += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save("last.pt")
@@ -338,20 +347,21 @@ class Engine:
                     self.world.barrier()   # last.pt is on disk before any rank returns
                     return "interrupted"
             s.epoch_train_s += time.perf_counter() - t0
-            row = self._end_epoch(epoch, sums)
+            row = self._end_epoch(epoch, sums, counts)
             on_epoch_end(row)
         self.reporter.stop()
         self.world.barrier()   # best.pt / last.pt are on disk before any rank reads them
         return "finished"
 
-    def _end_epoch(self, epoch: int, sums: dict) -> dict:
+    def _end_epoch(self, epoch: int, sums: dict, counts: dict) -> dict:
         s = self.state
         if s.epoch_skipped and s.epoch_skipped == s.epoch_step:   # the same on every rank
             raise Diverged(s.step, epoch, f"every step of epoch {epoch} had a non-finite loss "
                            "or gradient (all skipped)")
         n = max(s.epoch_step - s.epoch_skipped, 1)
         row = {keys.EPOCH: epoch, keys.STEP: s.step,
-               **{keys.join(keys.TRAIN, k): float(v) / n for k, v in sums.items()}}
+               **{keys.join(keys.TRAIN, k): float(v) / max(counts.get(k, n), 1)
+                  for k, v in sums.items()}}
         if self.skip_nonfinite:
             row[keys.TRAIN_SKIPPED_STEPS] = s.epoch_skipped
         s.images_per_s = s.epoch_images / max(s.epoch_train_s, 1e-9)
@@ -365,6 +375,7 @@ class Engine:
         row.update({keys.join(keys.VAL, k): v for k, v in val.items() if k != "n"})
         row.update(self.teacher.epoch_metrics())
         s.epoch, s.epoch_step, s.epoch_sums, s.epoch_skipped = epoch, 0, {}, 0
+        s.epoch_counts = {}
         s.epoch_images, s.epoch_train_s = 0, 0.0
         metric = self.task.selection_metric
         if val[metric] > s.best_score:

@@ -106,6 +106,3 @@ class DMD(DistributionMatching, StoredPairs, NoiseSeeded, CriticObjective):
             terms["loss"] = terms["loss"] + self.reg_weight * reg
             terms["reg"] = reg.detach()
         return terms
-
-    def generator_keys(self):
-        return super().generator_keys() + (("reg",) if self.reg_weight else ())

@@ -235,8 +235,9 @@ class DistributionMatching:
     (`step % ratio == 0`, DMD2's dfake_gen_update_ratio) — the generator terms' draws, then
     the critic's: its denoising loss's t and eps, then (GAN) the fake and the real image's
     grid index and noise. Between generator turns the generator runs without a graph to make
-    the critic's samples and its `loss` is 0 (the student's optimizer changes nothing; the
-    generator terms log 0, `gen_turn` says which steps trained it).
+    the critic's samples and no generator terms are returned (the student's optimizer changes
+    nothing; the logs average each term over the steps that returned it; `gen_turn` says which
+    steps trained the generator).
     Terms: loss (the generator's), gen_turn, and the critic's critic_loss, critic_dsm,
     critic_gan / real_logit / fake_logit (GAN)."""
 
@@ -287,31 +288,36 @@ class DistributionMatching:
     def step_terms(self, student, topology, batch, ctx) -> dict[str, Tensor]:
         draws = self.draws(batch, ctx)
         turn = ctx.step % self.ratio == 0
-        stage = self.schedule.stage(self._noise_seed_host, ctx.step)
-        x, t_gen = self.schedule.samples(student, batch, draws, stage, grad=turn)
-        if turn:
-            terms = self.generator_terms(x, student, topology, batch, draws)
-        else:
-            terms = {k: torch.zeros((), device=x.device) for k in self.generator_keys()}
+        self.stage = self.schedule.stage(self._noise_seed_host, ctx.step)
+        self.on_stage(self.stage, topology)
+        x, _ = self.schedule.samples(student, batch, draws, self.stage, grad=turn)
+        # between generator turns: no generator terms at all (the topology then backpropagates
+        # the critic's loss only; the logs average each term over the steps that returned it)
+        terms = self.generator_terms(x, student, topology, batch, draws) if turn else {}
         terms["gen_turn"] = torch.tensor(float(turn), device=x.device)
         terms.update(self.critic_terms(x.detach(), topology.critic, batch, draws))
         return terms
 
-    def generator_keys(self) -> tuple[str, ...]:
-        return ("loss", "dm_grad") + (("gan_g",) if self.gan else ())
+    def on_stage(self, stage: int, topology) -> None:
+        """Called once a step with the generator stage it trains (phased DMD: its phase)."""
+
+    def dm_times(self, process, draws: SampleDraws) -> Tensor:
+        """[B] the DM loss's noise times: grid indices U{min..max} (phased DMD: its phase's)."""
+        return grid_times(process, draws, *self.dm_range)
 
     def teacher_and_fake(self, topology, z: Tensor, t: Tensor, y) -> tuple[Tensor, Tensor]:
         """mu_real (the frozen teacher, with its classifier-free guidance) and mu_fake
         (unguided) at (z, t), without a graph."""
-        with torch.no_grad():
+        with torch.inference_mode():   # the frozen teacher: no autograd bookkeeping at all
             real = topology.model.predict(z, t, y)[0].float()
+        with torch.no_grad():
             fake = topology.critic(z, t, y, "x0").float()
-        return real, fake
+        return real.clone(), fake   # (an inference tensor cannot enter an autograd graph)
 
     def dm_terms(self, x: Tensor, topology, y, draws: SampleDraws) -> dict[str, Tensor]:
         """DMD's distribution-matching surrogate at a grid time U{min..max} (DMD2 :73-125)."""
         process = topology.model.process
-        t = grid_times(process, draws, *self.dm_range)
+        t = self.dm_times(process, draws)
         eps = draws.normal(*x.shape[1:])
         z = noised(process, x.detach(), t, eps)
         real, fake = self.teacher_and_fake(topology, z, t, y)
