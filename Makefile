@@ -59,10 +59,13 @@ bench-dd: install  ## dataset distillation: seconds and peak memory per set upda
 bench-lm: install data  ## LM distillation: s/step lm_ce vs topk stored/live vs fkl live; top-k table size -> benchmarks/results/lm_bench.md
 	$(PY) benchmarks/bench_lm.py --out benchmarks/results/lm_bench.md
 
+bench-diffusion: install data  ## diffusion distillation: s/step and peak memory per method (stored pairs, live teachers, critics) -> benchmarks/results/diffusion_bench.md
+	$(PY) benchmarks/bench_diffusion.py --out benchmarks/results/diffusion_bench.md
+
 bench-torchdistill: install data  ## KD speed vs torchdistill, same job (own venv, ~20 min) -> benchmarks/results/torchdistill.md
 	$(PY) benchmarks/bench_torchdistill.py --out benchmarks/results/torchdistill.md
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install install-hf data run test test-slow bench bench-dd bench-lm bench-torchdistill clean
+.PHONY: help install install-hf data run test test-slow bench bench-dd bench-lm bench-diffusion bench-torchdistill clean
