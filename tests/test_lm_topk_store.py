@@ -162,10 +162,14 @@ def test_what_the_rows_cannot_hold_is_refused(k, dtype, V, key):
 
 
 def test_the_cli_refuses_them_with_exit_2(tmp_path):
+    """... before any teacher is trained: the store stays empty."""
     docs = _bpe_docs(tmp_path / "docs")
     common = [*BASE, "loss=topk", "dataset.corpus=path", f"dataset.path={docs}",
               "dataset.block_size=16", "dataset.limit_train=64", "dataset.limit_eval=16"]
-    proc = distill(*common, "loss.k=300", tmp_path=tmp_path, check_rc=2)
+    home = tmp_path / "home"
+    proc = distill(*common, "loss.k=300", tmp_path=tmp_path, check_rc=2,
+                   env={"DISTILL_HOME": str(home)})
+    assert not (home / "teachers").exists() or not any((home / "teachers").iterdir())
     said = " ".join(proc.stderr.split())
     assert said.startswith("error: ") and "Config key: `loss.k`" in said
     assert "Traceback" not in proc.stderr

@@ -134,6 +134,10 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
         world.barrier()   # rank 0 resolves the teachers first, training any the store lacks
     # dataset=distilled: a teacher the store trains learns the SOURCE data, never the set
     teacher_data = data.teacher_data or data
+    if objective.needs_teacher and model_node(cfg.teacher) is not None:
+        # what the teacher's signal will be stored as (the LM task's packed top-k rows) is
+        # refused now, from the data alone, rather than after a teacher is trained
+        task.stored_signal(objective, data, str(cfg.teacher.outputs_dtype))
     teacher, pool, teacher_info = teacher_models(cfg, objective, teacher_data, device,
                                                  console(0),
                                                  store_access(cfg, teacher_data, tty, run))
