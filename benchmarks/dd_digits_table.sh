@@ -4,20 +4,16 @@
 #   bash benchmarks/dd_digits_table.sh [out dir, default /tmp/ddtable]
 set -u
 OUT=${1:-/tmp/ddtable}
-D=${DISTILL:-.venv/bin/distill}
-export OMP_NUM_THREADS=1 WANDB_MODE=disabled
-common="logger=none trainer.epochs=2 task.iterations=100"
-one() { # name ipc seed overrides...
+source "$(dirname "$0")/lib.sh"
+set_run() { # name ipc seed overrides...
   local name=$1 ipc=$2 seed=$3; shift 3
-  local dir=$OUT/$name/ipc$ipc/s$seed
-  grep -qs '"status": "finished"' $dir/summary.json && return   # rerunnable: done runs stay
-  $D $common student.ipc=$ipc seed=$seed "$@" hydra.run.dir=$dir > $OUT/logs/$name-$ipc-$seed.log 2>&1
+  one $name/ipc$ipc/s$seed logger=none trainer.epochs=2 task.iterations=100 student.ipc=$ipc \
+    seed=$seed "$@"
 }
-mkdir -p $OUT/logs
 for ipc in 1 10; do for seed in 0 1 2; do
-  one real $ipc $seed recipe=dd_digits loss=dm optimizer.lr=1e-9   # the start, never moved
-  for m in dm datadam dc dsa mtt; do one $m $ipc $seed recipe=dd_digits loss=$m; done
-  for m in sre2l cda; do one $m $ipc $seed recipe=dd_digits_sre2l loss=$m; done
+  set_run real $ipc $seed recipe=dd_digits loss=dm optimizer.lr=1e-9   # the start, never moved
+  for m in dm datadam dc dsa mtt; do set_run $m $ipc $seed recipe=dd_digits loss=$m; done
+  for m in sre2l cda; do set_run $m $ipc $seed recipe=dd_digits_sre2l loss=$m; done
 done; done
-one full 120 0 recipe=dd_digits loss=dm optimizer.lr=1e-9          # ~all of train, same protocol
+set_run full 120 0 recipe=dd_digits loss=dm optimizer.lr=1e-9          # ~all of train, same protocol
 ${DISTILL_REPORT:-.venv/bin/distill-report} $OUT --format md

@@ -9,16 +9,9 @@ set -u
 OUT=${1:-/tmp/difftable}
 shift || true
 METHODS=${*:-progressive consistency consistency_training reflow direct dmd dmd2 sid fdistill phased_dmd}
-D=${DISTILL:-.venv/bin/distill}
-export OMP_NUM_THREADS=1 WANDB_MODE=disabled
-mkdir -p $OUT/logs
+source "$(dirname "$0")/lib.sh"
 for seed in 0 1 2; do
-  for m in $METHODS; do
-    dir=$OUT/$m/s$seed
-    grep -qs '"status": "finished"' $dir/summary.json && continue   # rerunnable: done runs stay
-    $D recipe=diffusion_digits loss=$m seed=$seed logger=none hydra.run.dir=$dir \
-      > $OUT/logs/$m-$seed.log 2>&1
-  done
+  for m in $METHODS; do one $m/s$seed recipe=diffusion_digits loss=$m seed=$seed logger=none; done
 done
 ${PYTHON:-.venv/bin/python} - "$OUT" <<'PY'
 import json, sys, pathlib

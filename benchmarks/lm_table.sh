@@ -8,15 +8,8 @@ set -u
 OUT=${1:-/tmp/lmtable3}
 shift || true
 LOSSES=${*:-lm_ce fkl rkl gkd gkd_onpolicy skl srkl tvd topk lm_taid seqkd}
-D=${DISTILL:-.venv/bin/distill}
-export OMP_NUM_THREADS=1 WANDB_MODE=disabled
-mkdir -p $OUT/logs
+source "$(dirname "$0")/lib.sh"
 for seed in 0 1 2; do
-  for loss in $LOSSES; do
-    dir=$OUT/$loss/s$seed
-    grep -qs '"status": "finished"' $dir/summary.json && continue   # rerunnable: done runs stay
-    $D recipe=lm_stdlib_tiny loss=$loss seed=$seed logger=none hydra.run.dir=$dir \
-      > $OUT/logs/$loss-$seed.log 2>&1
-  done
+  for loss in $LOSSES; do one $loss/s$seed recipe=lm_stdlib_tiny loss=$loss seed=$seed logger=none; done
 done
 ${DISTILL_REPORT:-.venv/bin/distill-report} $OUT --format md
