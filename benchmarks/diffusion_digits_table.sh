@@ -4,13 +4,13 @@
 # run at a time at 1 thread (about 30 min on one core once the teacher is stored for the step
 # distillation methods; the distribution-matching ones, which run three networks a step, ~10 min
 # a run), then the teacher's own FD at each step count and the report (FD per step count):
-#   bash benchmarks/diffusion_digits_table.sh [out dir, default /tmp/difftable] [methods...]
+#   [SEEDS='0 1 2'] bash benchmarks/diffusion_digits_table.sh [out dir, default /tmp/difftable] [methods...]
 set -u
 OUT=${1:-/tmp/difftable}
 shift || true
 METHODS=${*:-progressive consistency consistency_training reflow direct dmd dmd2 sid fdistill phased_dmd}
 source "$(dirname "$0")/lib.sh"
-for seed in 0 1 2; do
+for seed in ${SEEDS:-0 1 2}; do
   for m in $METHODS; do one $m/s$seed recipe=diffusion_digits loss=$m seed=$seed logger=none; done
 done
 ${PYTHON:-.venv/bin/python} - "$OUT" <<'PY'
