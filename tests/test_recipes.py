@@ -20,8 +20,9 @@ from conftest import make_cfg
 
 RECIPES = sorted(p.stem for p in (Path(CONF_DIR) / "recipe").glob("*.yaml"))
 # classifier distillation (dataset distillation's dd_* recipes: test_dd_task.py; language
-# models' lm_*: test_lm_task.py; diffusion_*: test_diffusion_task.py)
-MODEL_RECIPES = [r for r in RECIPES if not r.startswith(("dd_", "lm_", "diffusion_"))]
+# models' lm_*: test_lm_task.py; diffusion_*: test_diffusion_task.py; agent_*:
+# test_agent_task.py)
+MODEL_RECIPES = [r for r in RECIPES if not r.startswith(("dd_", "lm_", "diffusion_", "agent_"))]
 # synthetic stand-ins of the recipes' datasets (same shape and classes), except MNIST-1D which
 # is generated locally anyway
 SHAPES = {"cifar.build_cifar100": ([3, 32, 32], 100), "imagefolder.build": ([3, 224, 224], 1000),

@@ -35,7 +35,8 @@ _LAUNCHERS = ("hydra._internal.core_plugins", "hydra_plugins.hydra_joblib_launch
 NODE_PACKAGES: dict[str, tuple[str, ...]] = {
     # a family's own objectives live under its task (dataset distillation's methods/)
     "loss": ("distill_cli.losses", "distill_cli.tasks.dataset_distill.methods",
-             "distill_cli.tasks.lm.methods", "distill_cli.tasks.diffusion.methods"),
+             "distill_cli.tasks.lm.methods", "distill_cli.tasks.diffusion.methods",
+             "distill_cli.tasks.agent.methods"),
     "student": _MODELS, "teacher": _MODELS, "teachers": _MODELS, "candidates": _MODELS,
     "feature_net": _MODELS,   # task=diffusion's stored classifier (FD/KID features)
     "dataset": ("distill_cli.data",),

@@ -26,6 +26,7 @@ BUILDERS = {
     "fake": "distill_cli.data.fake:build",
     "distilled": "distill_cli.data.distilled:load",
     "text": "distill_cli.data.text:build",
+    "toolcalc": "distill_cli.data.toolcalc:build",
 }
 
 

@@ -23,6 +23,8 @@ from distill_cli import keys
 from distill_cli.errors import UserError
 from distill_cli.reporting.tracking import make_console
 from distill_cli.io import read_json
+from distill_cli.tasks.agent.columns import REPORT_COLUMNS as AGENT_COLUMNS
+from distill_cli.tasks.agent.columns import SUCCESS
 from distill_cli.tasks.classification.columns import REPORT_COLUMNS
 from distill_cli.tasks.dataset_distill.columns import REPORT_COLUMNS as SET_COLUMNS
 from distill_cli.tasks.diffusion.columns import MAIN_METRIC as GEN_METRIC
@@ -40,7 +42,7 @@ _PATH_KEY = re.compile(r"(^|[._])(dir|path|root|file|checkpoint|resume)$")
 _LOWER_IS_BETTER = ("ece", "nll", "wall", "ppl", "token_kl", "/fd", "/kid")
 _TEXT = ("config", keys.STATUS)
 # column headers: the task's (one home for them); a column not named there shows its key
-SHORT = {**REPORT_COLUMNS, **SET_COLUMNS, **LM_COLUMNS, **GEN_COLUMNS,
+SHORT = {**REPORT_COLUMNS, **SET_COLUMNS, **LM_COLUMNS, **GEN_COLUMNS, **AGENT_COLUMNS,
          "best/test/acc1": "best acc1"}
 ALIASES = {"best": keys.BEST_TEST_ACC1, "last": keys.LAST_TEST_ACC1, "ece": keys.BEST_TEST_ECE,
            "teacher": keys.TEACHER_TEST_ACC1, "wall": keys.WALL_S,
@@ -52,7 +54,8 @@ ALIASES = {"best": keys.BEST_TEST_ACC1, "last": keys.LAST_TEST_ACC1, "ece": keys
 # class coverage and accuracy
 OPTIONAL = (keys.BEST_TEST_PGD_ACC1, keys.BEST_TEST_MODEL_STD, "best/test/ppl",
             "best/test/agreement", "best/test/token_kl",
-            *(k for k in GEN_COLUMNS if k != keys.WALL_S))
+            *(k for k in GEN_COLUMNS if k != keys.WALL_S),
+            *(k for k in AGENT_COLUMNS if k != keys.WALL_S))
 
 
 @dataclass
@@ -377,6 +380,9 @@ def report(paths, metric: str = MAIN_METRIC, sort: str | None = None, reverse: b
     if metric == MAIN_METRIC and finished and all(
             r.summary.get(keys.TASK) == "diffusion" for r in finished):
         metric = GEN_METRIC   # a generator has no accuracy: ranked by FD (lower is better)
+    elif metric == MAIN_METRIC and finished and all(
+            r.summary.get(keys.TASK) == "agent" for r in finished):
+        metric = SUCCESS      # an agent is ranked by its tool-using success, not token accuracy
     if finished and not _values(finished, metric):
         numeric = sorted({k for r in finished for k, v in r.summary.items() if _num(v)})
         raise UserError(f"--metric {metric}: no finished run has it",

@@ -22,6 +22,14 @@ to the store's float-only tables (hashes, finite checks); served as int64. Keyed
 teacher's WEIGHTS (teachers/samples.py `weights_digest`), the data identity, prompt_tokens and
 the decoding (greedy; or temperature, top_k, seed, batch_size and the device type, whose
 generator streams differ), so every student and seed of a sweep reuses one table.
+
+Tool use (`tools`, default null: the plain decoding above): with `tools=calc` the teacher
+decodes with the calculator in the loop (tasks/agent/tools.py `run_episodes`, task=agent's
+dataset=toolcalc): a tool call's result is forced into the row as the tool's output, decoding ends
+after the answer line, and the row is filled with `<eod>` then `<pad>` (the data's layout), so
+the stored trajectories carry real tool results. The prompt must then be the question line
+exactly (`prompt_tokens` = the data's `prompt_tokens`); `tools` joins the key only when set, so
+plain tables keep their keys.
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ from distill_cli.teachers.store import content_key
 
 FORMAT = 1
 EXACT_IDS = 2 ** 24   # float32 holds every integer in [0, 2^24] exactly
-OPTIONS = ("prompt_tokens", "temperature", "top_k", "seed", "batch_size")
+OPTIONS = ("prompt_tokens", "temperature", "top_k", "seed", "batch_size", "tools")
 KEY = "loss.sequences"
 
 
@@ -55,7 +63,7 @@ def _int(value, name: str, low: int, fix: str) -> int:
 
 
 def check_options(prompt_tokens=16, temperature=0.0, top_k=None, seed=0, batch_size=256,
-                  **unknown) -> dict:
+                  tools=None, **unknown) -> dict:
     """The options as teacher_sequences takes them, checked (UserError key
     `loss.sequences.<name>`); the prompt's length against the block is checked with the data."""
     if unknown:
@@ -70,9 +78,15 @@ def check_options(prompt_tokens=16, temperature=0.0, top_k=None, seed=0, batch_s
                    "Use 0 (greedy: Kim & Rush's beam-1 approximation) or e.g. 1.0 (sampling)")
     if top_k is not None:
         top_k = _int(top_k, "top_k", 1, "Use null (the whole vocabulary) or e.g. 50")
+    if tools is not None:
+        from distill_cli.tasks.agent.tools import TOOLS
+        if tools not in TOOLS:
+            raise _bad("tools", tools, f"null or one of {', '.join(TOOLS)}",
+                       "Use null (plain decoding) or calc (the calculator in the loop: "
+                       "task=agent, dataset=toolcalc)")
     return {"prompt_tokens": prompt_tokens, "temperature": float(temperature), "top_k": top_k,
             "seed": _int(seed, "seed", 0, "Use a whole number >= 0"),
-            "batch_size": _int(batch_size, "batch_size", 1, "Use e.g. 256")}
+            "batch_size": _int(batch_size, "batch_size", 1, "Use e.g. 256"), "tools": tools}
 
 
 class TeacherSequences:
@@ -130,13 +144,28 @@ def _check(teacher, data, prompt_tokens: int) -> tuple[int, int]:
     return T, V
 
 
+def _check_tools(data, prompt_tokens: int) -> None:
+    """Tool use decodes byte ids from the question line: the data must say where it ends."""
+    want = data.identity.get("prompt_tokens")
+    if data.identity.get("tokenizer") != "byte" or want is None:
+        raise UserError(f"{KEY}.tools decodes tool-using episodes from question lines, but "
+                        f"dataset={data.name} has none", f"{KEY}.tools",
+                        "Use dataset=toolcalc (task=agent), or loss.sequences.tools=null")
+    if prompt_tokens != want:
+        raise UserError(f"with tools the teacher continues the question line, {want} tokens "
+                        f"(dataset.question_width + 4), not {prompt_tokens}",
+                        f"{KEY}.prompt_tokens", f"Use {KEY}.prompt_tokens={want}")
+
+
 def teacher_sequences(teacher, data, *, store_root: str, prompt_tokens: int = 16,
                       temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-                      batch_size: int = 256) -> TeacherSequences:
+                      batch_size: int = 256, tools: str | None = None) -> TeacherSequences:
     """The teacher's sequences for every training block of `data` (computed once)."""
-    opts = check_options(prompt_tokens, temperature, top_k, seed, batch_size)
+    opts = check_options(prompt_tokens, temperature, top_k, seed, batch_size, tools)
     P, temperature, top_k = opts["prompt_tokens"], opts["temperature"], opts["top_k"]
     T, V = _check(teacher, data, P)
+    if tools is not None:
+        _check_tools(data, P)
     device = next(teacher.parameters()).device
     train = data.train
     n = len(train)
@@ -145,12 +174,14 @@ def teacher_sequences(teacher, data, *, store_root: str, prompt_tokens: int = 16
                "seed": opts["seed"], "batch_size": opts["batch_size"], "device": device.type}
               if sampling else {"decode": "greedy"})   # greedy: seed/top_k/batch do not matter
     ident = {"format": FORMAT, "teacher": weights_digest(teacher), "data": data.identity,
-             "prompt_tokens": P, **decode, "stored": "float32 ids", "n": n}
+             "prompt_tokens": P, **decode, "stored": "float32 ids", "n": n,
+             **({"tools": tools} if tools is not None else {})}
     key = content_key(ident)
 
     def compute() -> np.ndarray:
         print(f"teacher sequences: continuing {n} blocks from {P} tokens to {T + 1} "
-              f"({'sampled' if sampling else 'greedy'}) once (store key {key})",
+              f"({'sampled' if sampling else 'greedy'}"
+              f"{', tools: ' + tools if tools else ''}) once (store key {key})",
               file=sys.stderr, flush=True)
         out = torch.empty(n, T + 1, dtype=torch.float32)
         was = teacher.training
@@ -162,7 +193,12 @@ def teacher_sequences(teacher, data, *, store_root: str, prompt_tokens: int = 16
                 prompts = train.x.index_select(0, rows)[:, :P].to(device)
                 g = torch.Generator(device=device).manual_seed(
                     derive_seed("sequences", opts["seed"], chunk)) if sampling else None
-                seq = continue_blocks(teacher, prompts, T + 1, temperature, top_k, g)
+                if tools is None:
+                    seq = continue_blocks(teacher, prompts, T + 1, temperature, top_k, g)
+                else:   # the calculator in the loop (tasks/agent/tools.py)
+                    from distill_cli.tasks.agent.tools import run_episodes
+                    seq = run_episodes(teacher, prompts, T + 1, temperature=temperature,
+                                       top_k=top_k, generator=g)[0]
                 out[start:start + len(rows)] = seq.cpu().to(torch.float32)
         finally:
             teacher.train(was)
