@@ -238,6 +238,15 @@ def test_bad_input_is_refused_naming_the_key(tmp_path, overrides, key):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_a_prompt_as_long_as_the_block_is_refused_before_any_teacher_is_trained(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
+    with pytest.raises(UserError) as info:
+        run(make_cfg([*TINY, "loss.sequences.prompt_tokens=32"]), tmp_path / "r", tty=False)
+    assert info.value.key == "loss.sequences.prompt_tokens"
+    assert not (tmp_path / "home" / "teachers").exists()
+
+
 def test_a_teacher_that_is_not_a_language_model_is_refused(lm, tmp_path):
     data, _, _ = lm
     with pytest.raises(UserError) as info:

@@ -138,6 +138,8 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
         # what the teacher's signal will be stored as (the LM task's packed top-k rows) is
         # refused now, from the data alone, rather than after a teacher is trained
         task.stored_signal(objective, data, str(cfg.teacher.outputs_dtype))
+    if hasattr(objective, "check_data"):   # an objective's own data-only refusals (seqkd)
+        objective.check_data(data)
     teacher, pool, teacher_info = teacher_models(cfg, objective, teacher_data, device,
                                                  console(0),
                                                  store_access(cfg, teacher_data, tty, run))

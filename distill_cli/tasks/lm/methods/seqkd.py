@@ -56,6 +56,16 @@ class SeqKD(Objective):
         self.prompt_tokens = self.samples_options["prompt_tokens"]
         self.sequences = None
 
+    def check_data(self, data) -> None:
+        """Refused from the data alone, before the teacher is built (or trained by the store):
+        a prompt that leaves the teacher nothing to generate."""
+        T = int(data.input_shape[-1])
+        if self.prompt_tokens >= T:
+            raise UserError(f"prompt_tokens={self.prompt_tokens} leaves the teacher nothing to "
+                            f"generate before the block's last input position "
+                            f"(dataset.block_size={T})", "loss.sequences.prompt_tokens",
+                            f"Use prompt_tokens < {T} (e.g. {max(1, T // 4)})")
+
     def use_samples(self, sequences) -> None:
         """The runner hands over the teacher's sequences (`get(index) -> ids [B, T + 1]`)."""
         self.sequences = sequences
