@@ -106,19 +106,10 @@ class TeacherSequences:
 @torch.no_grad()
 def continue_blocks(teacher, prompts: torch.Tensor, length: int, temperature: float,
                     top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    """prompts [B, P] continued to [B, length] (length <= the teacher's context + 1): GPT.generate's
-    cached decoding (the same forward, `_pick` and float32 logits), one step further."""
-    p = prompts.shape[1]
-    cache = teacher.new_cache(length - 1)   # positions 0 .. length-2 are fed, never the last
-    tokens = [prompts]
-    logits = teacher(prompts, cache)[:, -1]
-    for pos in range(p, length):
-        logits = logits if logits.dtype == torch.float64 else logits.float()
-        tok = teacher._pick(logits, temperature, top_k, generator)
-        tokens.append(tok[:, None])
-        if pos + 1 < length:
-            logits = teacher(tok[:, None].to(prompts.dtype), cache)[:, -1]
-    return torch.cat(tokens, dim=1)
+    """prompts [B, P] continued to [B, length] (length <= the teacher's context + 1): the
+    teacher's own cached `generate`, its last token never fed (`last_unfed`)."""
+    return teacher.generate(prompts, length - prompts.shape[1], temperature=temperature,
+                            top_k=top_k, generator=generator, last_unfed=True)
 
 
 def _check(teacher, data, prompt_tokens: int) -> tuple[int, int]:
