@@ -50,6 +50,20 @@ def test_a_teacher_run_reports_sample_quality_at_every_step_count(tmp_path):
         assert (tmp_path / "r" / f"samples_{tag}.png").stat().st_size > 0
 
 
+def test_a_conditional_generator_reports_class_accuracy_and_per_class_fd(tmp_path):
+    """task.conditional=true: samples are generated for the split's labels; the stored
+    classifier's accuracy on them and the mean per-class FD join the metrics, at every step
+    count, and the per-class FD is not the overall FD."""
+    alone = [o for o in TINY if not o.startswith("teacher.")]
+    summary = run(make_cfg([*alone, "loss=dsm", "teacher=none", "task.conditional=true"]),
+                  tmp_path / "r", tty=False)
+    assert summary["status"] == "finished"
+    for steps in (1, 2, 4):
+        acc, cfd = summary[f"best/test/class_acc@{steps}"], summary[f"best/test/class_fd@{steps}"]
+        assert 0.0 <= acc <= 100.0 and math.isfinite(cfd) and cfd > 0
+    assert summary["best/test/class_fd"] != summary["best/test/fd"]
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_distils_from_the_stored_teacher_and_resumes_exactly(tmp_path, method):
     over = [*TINY, *METHODS[method]]

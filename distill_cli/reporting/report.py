@@ -39,7 +39,7 @@ IDENTITY = (keys.DATASET, keys.STUDENT, keys.TEACHER_ARCH, keys.LOSS)
 # Overrides naming a location, not a configuration: they differ per job (a per-seed teacher
 # checkpoint, hydra.run.dir, trainer.resume) and must neither split a group nor label it.
 _PATH_KEY = re.compile(r"(^|[._])(dir|path|root|file|checkpoint|resume)$")
-_LOWER_IS_BETTER = ("ece", "nll", "wall", "ppl", "token_kl", "/fd", "/kid")
+_LOWER_IS_BETTER = ("ece", "nll", "wall", "ppl", "token_kl", "/fd", "/kid", "/class_fd")
 _TEXT = ("config", keys.STATUS)
 # column headers: the task's (one home for them); a column not named there shows its key
 SHORT = {**REPORT_COLUMNS, **SET_COLUMNS, **LM_COLUMNS, **GEN_COLUMNS, **AGENT_COLUMNS,

@@ -12,5 +12,6 @@ STEP_KEY = re.compile(r"^best/test/fd@(\d+)$")   # FD at each evaluated step cou
 
 REPORT_COLUMNS = {MAIN_METRIC: "best FD", "best/test/kid": "KID",
                   "best/test/recall": "recall", "best/test/class_entropy": "class cov.",
-                  "best/test/class_acc": "class acc", "best/test/steps": "steps",
+                  "best/test/class_acc": "class acc", "best/test/class_fd": "class FD",
+                  "best/test/steps": "steps",
                   "teacher/test/fd": "teacher FD", keys.WALL_S: "wall s"}

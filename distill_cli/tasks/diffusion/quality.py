@@ -5,7 +5,9 @@ per sample with the step count that made it: what `DiffusionTask.predict` return
 `[S, N, D + C + 1]` of those (block 0 = the model's own step count) into the metrics of
 evaluation/sample_quality.py against the real training images' features. Keys: `fd` (and
 `fd_<arch>`, the name that says which features: never "FID"), `kid`, `precision`, `recall`,
-`class_entropy`, `class_acc` (conditional models), `steps`, `neg_fd` (what selects best.pt), and
+`class_entropy`, `class_acc` and `class_fd` (conditional models: the mean over classes of the
+FD between the real images of class c and the samples generated for c — a mode dropped inside
+one class shows here when the overall FD hides it), `steps`, `neg_fd` (what selects best.pt), and
 `<name>@<steps>` for every step count evaluated.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ class SampleScorer:
         self.net, self.arch, self.batch_size = net.eval(), arch, batch_size
         self.pr_k, self.kid_subsets, self.kid_subset_size = pr_k, kid_subsets, kid_subset_size
         self.seed = seed
-        self._real: tuple[int, int, torch.Tensor] | None = None   # (id(split), n, features)
+        # (id(split), n, features, labels) of the real reference images
+        self._real: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def features(self, pixels: torch.Tensor, split) -> torch.Tensor:
@@ -54,7 +57,8 @@ class SampleScorer:
             g = torch.Generator().manual_seed(derive_seed("diffusion-reference", self.seed))
             idx = torch.randperm(len(split), generator=g)[:n].to(split.x.device)
             pixels = split.x.index_select(0, idx).float() / 255.0
-            self._real = (id(split), n, self.features(pixels.to(device), split))
+            self._real = (id(split), n, self.features(pixels.to(device), split),
+                          split.targets.index_select(0, idx.to(split.targets.device)))
         return self._real[2]
 
     def score(self, outputs: torch.Tensor, labels: torch.Tensor, split, reference: int,
@@ -72,6 +76,10 @@ class SampleScorer:
             m["class_entropy"] = q.class_entropy(logits, logits.shape[1])
             if conditional:
                 m["class_acc"] = q.class_accuracy(logits, labels)
+                per_class = q.per_class_frechet(real_f, self._real[3], feats, labels,
+                                                logits.shape[1])
+                m["class_fd"] = (sum(per_class.values()) / len(per_class) if per_class
+                                 else float("nan"))
             out.update({f"{k}@{steps}": v for k, v in m.items()})
             if b == 0:   # the model's own step count; fd_<arch> says whose features
                 out.update(m, steps=steps, neg_fd=-m["fd"], **{f"fd_{self.arch}": m["fd"]})
