@@ -93,6 +93,10 @@ def measure_one(overrides: list[str], method: str, steps: int, warmup: int, batc
     teacher = build_model(cfg.teacher, "teacher", data).eval().requires_grad_(False)
     student = task.build_model(cfg.student, "student", data)
     objective.bind(student, teacher if objective.needs_teacher else None, data)
+    if hasattr(objective, "use_stored"):   # DMD's regression distance: the feature classifier
+        for name, node in task.stored_models().items():
+            net = build_model(node, name, data).eval().requires_grad_(False)
+            objective.use_stored(name, net, data)
     if getattr(objective, "stored_samples", None) == "pairs":
         started = time.perf_counter()
         pairs = teacher_samples("pairs", teacher, data, store_root=store,
