@@ -231,6 +231,9 @@ def test_student_configs_instantiate(cfg_file):
     cfg = OmegaConf.load(CONF / cfg_file)
     if cfg.arch == "synthetic":
         pytest.skip("task=dataset_distill's synthetic set, not a zoo network (test_dd_task.py)")
+    if cfg.arch == "hf":
+        pytest.skip("a local pretrained Hugging Face model (the optional `hf` extra): "
+                    "tests/test_hf_teacher.py")
     if cfg.arch == "gpt":  # a language model: ids [B, T] -> [B, T, V] (tests/test_gpt.py)
         model = instantiate(cfg, num_classes=10, in_channels=1, input_size=[8])
         assert model(torch.randint(0, 10, (2, 8))).shape == (2, 8, 10)
