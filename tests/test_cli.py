@@ -2,6 +2,7 @@
 exit code 2 and no traceback, a -m sweep, and SIGTERM → resume."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -27,6 +28,27 @@ def distill(*args, tmp_path, env=None, timeout=300, check_rc=None, prog=(DISTILL
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def snapshot(*dirs: Path) -> dict[str, str]:
+    """Every file under `dirs` with the hash of its bytes."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for d in dirs if d.exists() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def refused(args: list[str], tmp_path: Path, key: str, *watch: Path) -> str:
+    """Run `distill args`: exit 2, no traceback, the key named, `watch` untouched, and the run
+    dir not created. Returns stderr as one line."""
+    run_dir = tmp_path / "refused_run"
+    before = snapshot(*watch)
+    proc = distill(*args, f"hydra.run.dir={run_dir}", tmp_path=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert f"`{key}`" in proc.stderr, proc.stderr
+    assert snapshot(*watch) == before
+    assert not (run_dir / "checkpoints").exists()
+    return "".join(proc.stderr.split())   # errors.py wraps long paths at their hyphens
 
 
 def test_help_lists_every_group_with_its_options(tmp_path):

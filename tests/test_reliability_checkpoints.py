@@ -3,7 +3,6 @@ input shape, are user errors (exit 2, one paragraph naming the key and the file,
 — never a traceback, never a silent restart — and nothing on disk changes."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -14,32 +13,11 @@ from distill_cli.runs import checkpoint
 from distill_cli.training.run import RunInterrupted, run
 
 from conftest import DIGITS, make_cfg
-from test_cli import distill
+from test_cli import distill, refused, snapshot
 
 B = ["dataset=digits", "student=mlp", "trainer.epochs=1", "logger=none",
      "trainer.channels_last=false"]
 KD = B + ["teacher=mlp", "loss=kd"]
-
-
-def snapshot(*dirs: Path) -> dict[str, str]:
-    """Every file under `dirs` with the hash of its bytes."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for d in dirs if d.exists() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def refused(args: list[str], tmp_path: Path, key: str, *watch: Path) -> str:
-    """Run `distill args`: exit 2, no traceback, the key named, `watch` untouched, and the run
-    dir not created. Returns stderr as one line."""
-    run_dir = tmp_path / "refused_run"
-    before = snapshot(*watch)
-    proc = distill(*args, f"hydra.run.dir={run_dir}", tmp_path=tmp_path)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    assert f"`{key}`" in proc.stderr, proc.stderr
-    assert snapshot(*watch) == before
-    assert not (run_dir / "checkpoints").exists()
-    return "".join(proc.stderr.split())   # errors.py wraps long paths at their hyphens
 
 
 @pytest.fixture(scope="module")
