@@ -42,7 +42,7 @@ run: install data  ## the main job: quickstart sweep (teacher once; CE, KD, DKD 
 	$(VENV)/bin/distill-report $$sweep --plot $$sweep/report.png && \
 	echo "report plot: $$sweep/report.png"
 
-test: install data  ## the test suite (~11-13 min on 2 cores: parallel pass, then the multi-process tests); slow tests: make test-slow
+test: install data  ## the test suite (~11 min on 2 cores: parallel pass, then the multi-process tests); slow tests: make test-slow
 	$(PY) -m pytest -q -n 2 -m "not slow and not serial" $(PYTEST_ARGS)
 	$(PY) -m pytest -q -m "serial and not slow" $(PYTEST_ARGS)
 
