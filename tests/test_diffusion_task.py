@@ -148,6 +148,7 @@ def test_a_diffusion_loss_under_the_classification_task_is_refused(tmp_path):
 
 @pytest.mark.parametrize("recipe,shape", [("diffusion_digits", (1, 8, 8)),
                                           ("diffusion_fmnist", (1, 28, 28)),
+                                          ("diffusion_fmnist_cpu", (1, 28, 28)),
                                           ("diffusion_cifar10", (3, 32, 32))])
 def test_every_diffusion_recipe_composes_and_builds(recipe, shape):
     """Each diffusion_* recipe composes into a diffusion run whose objective, teacher and student

@@ -119,3 +119,36 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path):
                       f"teacher.checkpoint={tmp_path}/byte/checkpoints/best.pt"]),
             tmp_path / "bpe", tty=False)
     assert info.value.key.startswith("teacher")
+
+
+def test_the_gpu_recipe_composes_and_its_models_build(tmp_path):
+    """recipe=lm_stdlib_gpu (not run on CPU) composes to what its comment promises — an 8,192-token
+    BPE, bf16, a stored top-k for loss=topk — and its teacher and student build at the recipe's
+    sizes and map a block of its length to next-token logits (on a small user corpus with
+    byte tokens, so no BPE is trained here)."""
+    from distill_cli.config.build import build_data, build_task
+
+    cfg = make_cfg(["recipe=lm_stdlib_gpu"])
+    assert (cfg.dataset.corpus, cfg.dataset.tokenizer, cfg.dataset.vocab_size) == \
+        ("stdlib", "bpe", 8192)
+    assert cfg.trainer.precision == "bf16" and cfg.teacher.outputs == "live"
+    topk = make_cfg(["recipe=lm_stdlib_gpu", "loss=topk"])
+    assert topk.teacher.outputs == "auto" and topk.loss.k == 64
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"{i}.txt").write_text(f"document {i}: " + "the quick brown fox " * 60)
+    cfg = make_cfg(["recipe=lm_stdlib_gpu", "dataset.corpus=path", f"dataset.path={docs}",
+                    "dataset.tokenizer=byte", "dataset.val_fraction=0.34",
+                    "dataset.test_fraction=0.34"])
+    data = build_data(cfg.dataset)
+    task = build_task(cfg.task)
+    x = data.train.x[:1]
+    assert x.shape == (1, 256)
+    sizes = {}
+    for key in ("teacher", "student"):
+        model = task.build_model(cfg[key], key, data)
+        sizes[key] = sum(p.numel() for p in model.parameters())
+        with torch.no_grad():
+            assert model(x).shape == (1, 256, data.num_classes), key
+    assert sizes["teacher"] > 5 * sizes["student"]
