@@ -304,7 +304,8 @@ def test_the_recipe_end_to_end(tmp_path, monkeypatch):
     generated once with the calculator (every stored call result is right); all three students
     report success; the answers-only and CE students run without the teacher."""
     monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
-    summary = run(make_cfg(TINY), tmp_path / "seqkd", tty=False)
+    # the recipe turns the per-epoch val success off (time); the task still reports it on request
+    summary = run(make_cfg([*TINY, "task.val_success=true"]), tmp_path / "seqkd", tty=False)
     assert summary["status"] == "finished" and summary["task"] == "agent"
     assert summary["loss"] == "AgentSeqKD"      # recipe_loss: seqkd's agent form
     for key in ("best/test/success", "last/test/success", "best/test/tool_use",
@@ -337,6 +338,7 @@ def test_the_recipe_end_to_end(tmp_path, monkeypatch):
     for name, extra in (("answers", ["dataset.rendering=answer"]), ("ce", [])):
         s = run(make_cfg([*TINY, "loss=lm_ce", *extra]), tmp_path / name, tty=False)
         assert s["status"] == "finished" and math.isfinite(s["best/test/success"])
+    assert '"val/success"' not in (tmp_path / "answers" / "metrics.jsonl").read_text()
     # distill-report ranks agents by their tool-using success, with the agent columns
     from distill_cli.reporting.report import report
     # (run() records no command-line overrides: the two lm_ce runs group as one config here)
