@@ -177,13 +177,6 @@ def _endless(task, data, batch: int):
         epoch += 1
 
 
-class _Topology:
-    """What `StepObjective.train_terms` reads of the run's teacher topology: the model."""
-
-    def __init__(self, model):
-        self.model = model
-
-
 def main() -> None:
     import json
 

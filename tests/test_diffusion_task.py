@@ -86,6 +86,8 @@ def test_the_report_ranks_generators_by_fd_with_a_column_per_step_count(tmp_path
     rows = report([tmp_path], fmt="md", grids_to=tmp_path / "grids.png")
     text = capsys.readouterr().out
     assert "best FD" in text and "best/test/fd@1" in text and "teacher FD" in text
+    header = next(line for line in text.splitlines() if line.startswith("| config"))
+    assert "acc1" not in header and "ece" not in header   # no classifier columns, all empty
     fds = [r["best/test/fd"] for r in rows]
     assert fds == sorted(fds)   # lower FD first
     from matplotlib.image import imread

@@ -253,9 +253,13 @@ def _columns(metric: str, rows: list[dict]) -> list[str]:
         {k for r in rows for k in r if STEP_KEY.match(k) and not k.endswith("_std")},
         key=lambda k: int(STEP_KEY.match(k).group(1))))
         if any(r.get(k) is not None for r in rows)]
-    return ["config", "n", *dict.fromkeys([metric, keys.BEST_TEST_ACC1, keys.LAST_TEST_ACC1,
-                                           *optional]),
-            keys.BEST_TEST_ECE, keys.GAIN, keys.TEACHER_TEST_ACC1, keys.WALL_S, keys.STATUS]
+    # a column no row has a value for is left out (a generator's or an LM's report has no acc1,
+    # ECE or gain vs CE); the ranked metric always shows
+    shown = [k for k in dict.fromkeys([keys.BEST_TEST_ACC1, keys.LAST_TEST_ACC1, *optional,
+                                       keys.BEST_TEST_ECE, keys.GAIN, keys.TEACHER_TEST_ACC1,
+                                       keys.WALL_S])
+             if k == metric or any(r.get(k) is not None for r in rows)]
+    return ["config", "n", *dict.fromkeys([metric, *shown]), keys.STATUS]
 
 
 def _cell(row: dict, key: str) -> str:
