@@ -107,8 +107,11 @@ def test_concurrent_jobs_train_the_teacher_once(tmp_path, home):
     assert [j.returncode for j in jobs] == [0, 0], outs
     trained = [o for o in outs if "training it first" in o]
     assert len(trained) == 1, outs
-    waited = [o for o in outs if "another job is training it" in o]
-    assert len(waited) == 1
+    # the other job waited on the lock — or, on a loaded machine where its start-up outlasted
+    # the whole training, found the teacher already stored; never a second training
+    waited = [o for o in outs if "another job is training it" in o
+              or ("training it first" not in o and "reusing stored teacher" in o)]
+    assert len(waited) == 1, outs
     assert len(Store(home, "teachers").entries()) == 1
 
 
