@@ -17,9 +17,9 @@ for seed in ${SEEDS:-0 1 2}; do
 done
 ${PYTHON:-.venv/bin/python} - "$OUT" <<'PY'
 import json, sys, pathlib
-s = next(s for p in sorted(pathlib.Path(sys.argv[1]).glob("*/s0/summary.json"))  # a run with a
-         if "teacher/test/fd" in (s := json.loads(p.read_text())))           # teacher
-
+# the teacher's own numbers, from the first seed-0 run that has a teacher
+s = next(s for p in sorted(pathlib.Path(sys.argv[1]).glob("*/s0/summary.json"))
+         if "teacher/test/fd" in (s := json.loads(p.read_text())))
 steps = sorted({int(k.split("@")[1]) for k in s if k.startswith("teacher/test/fd@")})
 print("teacher FD by steps: " + ", ".join(f"{n}: {s[f'teacher/test/fd@{n}']:.2f}" for n in steps))
 print("teacher KID by steps: " + ", ".join(f"{n}: {s[f'teacher/test/kid@{n}']:.4f}" for n in steps))

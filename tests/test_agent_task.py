@@ -390,5 +390,6 @@ def test_tools_on_plain_text_are_refused(tmp_path, monkeypatch):
 
 
 def test_the_cli_refuses_an_unknown_rendering_with_exit_2(tmp_path):
-    said = refused([*TINY, "dataset.rendering=steps"], tmp_path, "dataset.rendering")   # exit 2, no traceback
+    said = refused([*TINY, "dataset.rendering=steps"], tmp_path,   # exit 2, no traceback
+                   "dataset.rendering")
     assert said.startswith("error:") and "Configkey:`dataset.rendering`" in said

@@ -342,5 +342,6 @@ def test_a_teacher_with_another_vocabulary_is_refused(lm):
 
 
 def test_the_cli_refuses_a_negative_sampling_temperature_with_exit_2(tmp_path):
-    said = refused([*TINY, "loss.sampling_temperature=-1"], tmp_path, "loss.sampling_temperature")   # exit 2, no traceback
+    said = refused([*TINY, "loss.sampling_temperature=-1"], tmp_path,   # exit 2, no traceback
+                   "loss.sampling_temperature")
     assert said.startswith("error:") and "Configkey:`loss.sampling_temperature`" in said

@@ -255,5 +255,6 @@ def test_a_teacher_that_is_not_a_language_model_is_refused(lm, tmp_path):
 
 
 def test_the_cli_refuses_a_negative_temperature_with_exit_2(tmp_path):
-    said = refused([*TINY, "loss.sequences.temperature=-1"], tmp_path, "loss.sequences.temperature")   # exit 2, no traceback
+    said = refused([*TINY, "loss.sequences.temperature=-1"], tmp_path,   # exit 2, no traceback
+                   "loss.sequences.temperature")
     assert said.startswith("error:") and "Configkey:`loss.sequences.temperature`" in said

@@ -122,8 +122,9 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path):
 
 
 def test_the_gpu_recipe_composes_and_its_models_build(tmp_path):
-    """recipe=lm_stdlib_gpu (not run on CPU) composes to what its comment promises — an 8,192-token
-    BPE, bf16, a stored top-k for loss=topk — and its teacher and student build at the recipe's
+    """recipe=lm_stdlib_gpu (not run on CPU) composes to what its comment promises — an
+    8,192-token BPE, bf16, a stored top-k for loss=topk — and its teacher and student build at the
+    recipe's
     sizes and map a block of its length to next-token logits (on a small user corpus with
     byte tokens, so no BPE is trained here)."""
     from distill_cli.config.build import build_data, build_task

@@ -255,10 +255,9 @@ def _columns(metric: str, rows: list[dict]) -> list[str]:
         if any(r.get(k) is not None for r in rows)]
     # a column no row has a value for is left out (a generator's or an LM's report has no acc1,
     # ECE or gain vs CE); the ranked metric always shows
-    shown = [k for k in dict.fromkeys([keys.BEST_TEST_ACC1, keys.LAST_TEST_ACC1, *optional,
-                                       keys.BEST_TEST_ECE, keys.GAIN, keys.TEACHER_TEST_ACC1,
-                                       keys.WALL_S])
-             if k == metric or any(r.get(k) is not None for r in rows)]
+    shown = [k for k in (keys.BEST_TEST_ACC1, keys.LAST_TEST_ACC1, *optional, keys.BEST_TEST_ECE,
+                         keys.GAIN, keys.TEACHER_TEST_ACC1, keys.WALL_S)
+             if any(r.get(k) is not None for r in rows)]
     return ["config", "n", *dict.fromkeys([metric, *shown]), keys.STATUS]
 
 
