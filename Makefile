@@ -42,9 +42,9 @@ run: install data  ## the main job: quickstart sweep (teacher once; CE, KD, DKD 
 	$(VENV)/bin/distill-report $$sweep --plot $$sweep/report.png && \
 	echo "report plot: $$sweep/report.png"
 
-test: install data  ## the test suite (~11 min on 2 cores: parallel pass, then the multi-process tests); slow tests: make test-slow
-	$(PY) -m pytest -q -n 2 -m "not slow and not serial" $(PYTEST_ARGS)
-	$(PY) -m pytest -q -m "serial and not slow" $(PYTEST_ARGS)
+test: install data  ## the test suite (~11 min on 2 cores: parallel pass, then the multi-process tests; the slowest listed at the end); slow tests: make test-slow
+	$(PY) -m pytest -q -n 2 -m "not slow and not serial" --durations=20 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "serial and not slow" --durations=5 $(PYTEST_ARGS)
 
 test-slow: install data  ## also the slow, longer real-data tests
 	$(PY) -m pytest -q -n 2 -m "not serial" -p no:cacheprovider -o addopts="-ra --strict-markers" $(PYTEST_ARGS)

@@ -92,6 +92,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--unrolls", nargs="*", type=int, default=[5, 10, 20, 40],
+                    help="MTT's loss.syn_steps values, each a row of its own")
+    ap.add_argument("--home", default="/tmp/bench-dd-home",
+                    help="DISTILL_HOME of the runs: MTT's experts are trained into its store "
+                         "once (pass a table's home to reuse its experts)")
     ap.add_argument("--one", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
@@ -99,15 +105,15 @@ def main() -> None:
         recipe = args.recipe if loss not in ("sre2l", "cda") else f"{args.recipe}_sre2l"
         print(json.dumps(one(recipe, loss, overrides, args.steps, args.warmup)))
         return
-    configs = [(m, ["student.ipc=10"]) for m in METHODS]
-    configs += [("mtt", ["student.ipc=10", f"loss.syn_steps={n}"]) for n in (5, 10, 20, 40)]
+    configs = [(m, ["student.ipc=10"]) for m in args.methods]
+    configs += [("mtt", ["student.ipc=10", f"loss.syn_steps={n}"]) for n in args.unrolls]
     rows = []
     for loss, overrides in configs:
         proc = subprocess.run([sys.executable, __file__, "--recipe", args.recipe, "--steps",
                                str(args.steps), "--warmup", str(args.warmup), "--one", loss,
                                *overrides], capture_output=True, text=True,
                               env={"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-                                   "PATH": "/usr/bin:/bin", "DISTILL_HOME": "/tmp/bench-dd-home"})
+                                   "PATH": "/usr/bin:/bin", "DISTILL_HOME": args.home})
         if proc.returncode:
             rows.append({"loss": loss, "overrides": " ".join(overrides),
                          "error": proc.stderr.strip().splitlines()[-1:]})
@@ -116,7 +122,10 @@ def main() -> None:
         print(rows[-1], flush=True)
     lines = [f"# Dataset distillation: seconds and peak memory per set update ({args.recipe})", "",
              f"- command: `python benchmarks/bench_dd.py --recipe {args.recipe} --steps "
-             f"{args.steps} --warmup {args.warmup}`",
+             f"{args.steps} --warmup {args.warmup}"
+             + (f" --methods {' '.join(args.methods)}" if args.methods != METHODS else "")
+             + (f" --unrolls {' '.join(map(str, args.unrolls))}"
+                if args.unrolls != [5, 10, 20, 40] else "") + "`",
              f"- machine: {platform.processor() or platform.machine()}, 1 thread, "
              f"{time.strftime('%Y-%m-%d')}; median of {args.steps} updates after {args.warmup}",
              "- peak MB: the resident high-water mark the updates added (networks, activations, "

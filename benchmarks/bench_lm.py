@@ -127,26 +127,38 @@ def table_costs(data, teacher, store: str, k: int, dtype: str) -> dict:
             "build_s": case.setup_s, "tokens": tokens}
 
 
-def objective_alone(cases: dict, steps: int) -> dict:
+def objective_alone(cases: dict, steps: int, reps: int) -> dict:
     """Seconds of each case's objective alone — forward + backward from given student logits
-    and the teacher signal of one batch — which is what a stored teacher leaves of the KD cost."""
+    and the teacher signal of one batch — which is what a stored teacher leaves of the KD cost.
+    Interleaved like the steps (A, B, C, D, A, ...: `reps` rounds of `steps` calls each, after 3
+    warm-up calls per case), the median over every timed call: a slow patch of a shared machine
+    hits every case alike (one case timed after another once showed topk stored at 26 ms and
+    topk live at 17 ms for the SAME packed rows)."""
     import torch
 
-    out = {}
+    ready = {}
     for name, case in cases.items():
         batch = case._next()
         with torch.no_grad():
             logits = case.student(batch.x).float()
         signal = case.topology.train_logits(batch) if case.objective.needs_teacher else None
-        times = []
-        for i in range(steps + 3):   # the first 3 warm up
-            s = logits.clone().requires_grad_()
-            started = time.perf_counter()
-            case.objective(s, signal, batch.y)["loss"].backward()
-            if i >= 3:
-                times.append(time.perf_counter() - started)
-        out[name] = statistics.median(times)
-    return out
+        ready[name] = (case.objective, logits, signal, batch.y)
+
+    def timed(name: str) -> float:
+        objective, logits, signal, y = ready[name]
+        s = logits.clone().requires_grad_()
+        started = time.perf_counter()
+        objective(s, signal, y)["loss"].backward()
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for name in cases:
+        for _ in range(3):
+            timed(name)
+    for _ in range(reps):
+        for name in cases:
+            times[name] += [timed(name) for _ in range(steps)]
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -190,7 +202,7 @@ def main() -> None:
         r = sorted(a / b for a, b in zip(per_rep[name], per_rep["lm_ce"]))
         return f"{statistics.median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})"
 
-    alone = objective_alone(cases, 5 * args.steps)
+    alone = objective_alone(cases, args.steps, args.reps)
     # each in a fresh store: its build time is a build, not a hit on the cases' table
     costs = [table_costs(data, teacher, tempfile.mkdtemp(prefix="bench-lm-"), 128, dtype)
              for dtype in ("float16", "float32")]
@@ -212,7 +224,7 @@ def main() -> None:
     goal = (f"Goal (issue #16): stored top-k / CE <= 1.10 — measured **{stored:.2f}** "
             f"({'met' if stored <= 1.10 else 'not met'}).")
     loss_only = ("The objective alone (forward + backward from given student logits and one "
-                 "batch's teacher signal; ms): "
+                 "batch's teacher signal; ms, median over interleaved repetitions): "
                  + ", ".join(f"{n} {v * 1e3:.1f}" for n, v in alone.items())
                  + ". With the teacher stored, what top-k adds to a CE step is this "
                    "difference: its V-wide arithmetic (the student's log-softmax, the tail "
