@@ -180,7 +180,8 @@ def test_cross_architecture_evaluation(tmp_path, net):
 
 
 @pytest.mark.parametrize("recipe,shape", [("dd_digits", (1, 8, 8)), ("dd_digits_sre2l", (1, 8, 8)),
-                                          ("dd_fmnist", (1, 28, 28)), ("dd_mnist", (1, 28, 28)),
+                                          ("dd_fmnist", (1, 28, 28)), ("dd_fmnist_cpu", (1, 28, 28)),
+                                          ("dd_mnist", (1, 28, 28)),
                                           ("dd_cifar10", (3, 32, 32))])
 def test_every_dataset_distillation_recipe_composes_and_builds(recipe, shape):
     """Each dd_* recipe composes into a dataset-distillation run whose task, objective, set and
