@@ -200,3 +200,18 @@ def test_every_dataset_distillation_recipe_composes_and_builds(recipe, shape):
     assert synthetic.images.shape == (10 * cfg.student.ipc, *shape)
     net = build_net(cfg.task.eval.net, shape, 10, seed=0)
     assert net(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("recipe", ["dd_fmnist", "dd_mnist", "dd_cifar10"])
+@pytest.mark.parametrize("loss", ["dc", "dsa"])
+def test_authors_recipes_give_dc_its_1000_iterations_at_every_ipc(recipe, loss):
+    """An authors' DC / DSA iteration is outer_loop set updates (get_loops: IPC 1 -> 1, 10 -> 10,
+    50 -> 50), so the authors' 1,000 iterations are 1,000 / 10,000 / 50,000 engine steps; an
+    explicit outer_loop counts as given."""
+    for ipc, updates in ((1, 1_000), (10, 10_000), (50, 50_000)):
+        cfg = make_cfg([f"recipe={recipe}", f"loss={loss}", f"student.ipc={ipc}"])
+        assert cfg.trainer.epochs * cfg.task.iterations == updates
+    cfg = make_cfg([f"recipe={recipe}", f"loss={loss}", "student.ipc=10", "loss.outer_loop=4"])
+    assert cfg.trainer.epochs * cfg.task.iterations == 4_000
+    cfg = make_cfg([f"recipe={recipe}", "loss=dm", "student.ipc=10"])   # DM: plain steps
+    assert cfg.task.iterations == 100

@@ -4,6 +4,11 @@
 and the time of a run dir can never straddle midnight apart), and the same instant on every
 torchrun rank: rank 0's clock, handed to the others through `DISTILL_LAUNCH_TIME` (ISO 8601),
 so all ranks of a job agree on one run directory.
+
+`${dc_set_updates:IPC,OUTER_LOOP,N}`: the set updates (engine steps) of N of DC / DSA's authors'
+iterations, each `outer_loop` updates on one fresh network (`auto`: the authors' get_loops by
+IPC) — so a recipe can give DC the authors' 1,000 iterations at every IPC (10,000 updates at
+IPC 10, 50,000 at IPC 50) where a plain step count would give IPC 10 a tenth of them.
 """
 from __future__ import annotations
 
@@ -24,5 +29,16 @@ def launch_time(fmt: str) -> str:
     return _launch.strftime(fmt)
 
 
+def dc_set_updates(ipc, outer_loop, iterations) -> int:
+    from distill_cli.tasks.dataset_distill.methods.dc import AUTHORS_LOOPS
+
+    if str(outer_loop) != "auto":
+        return int(outer_loop) * int(iterations)
+    if int(ipc) not in AUTHORS_LOOPS:   # the objective refuses it with the key and the fix
+        return int(iterations)
+    return AUTHORS_LOOPS[int(ipc)][0] * int(iterations)
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("launch_time", launch_time, replace=True)
+    OmegaConf.register_new_resolver("dc_set_updates", dc_set_updates, replace=True)
