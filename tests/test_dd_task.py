@@ -215,3 +215,12 @@ def test_authors_recipes_give_dc_its_1000_iterations_at_every_ipc(recipe, loss):
     assert cfg.trainer.epochs * cfg.task.iterations == 4_000
     cfg = make_cfg([f"recipe={recipe}", "loss=dm", "student.ipc=10"])   # DM: plain steps
     assert cfg.task.iterations == 100
+
+
+def test_dc_set_updates_follows_the_authors_outer_loops():
+    from distill_cli.config.resolvers import dc_set_updates
+    from distill_cli.tasks.dataset_distill.methods.dc import AUTHORS_LOOPS
+
+    for ipc, (outer, _inner) in AUTHORS_LOOPS.items():
+        assert dc_set_updates(ipc, "auto", 7) == 7 * outer
+    assert dc_set_updates(10, 3, 7) == 21

@@ -30,13 +30,10 @@ def launch_time(fmt: str) -> str:
 
 
 def dc_set_updates(ipc, outer_loop, iterations) -> int:
-    from distill_cli.tasks.dataset_distill.methods.dc import AUTHORS_LOOPS
-
-    if str(outer_loop) != "auto":
-        return int(outer_loop) * int(iterations)
-    if int(ipc) not in AUTHORS_LOOPS:   # the objective refuses it with the key and the fix
-        return int(iterations)
-    return AUTHORS_LOOPS[int(ipc)][0] * int(iterations)
+    """`outer_loop: auto` is the authors' get_loops, whose outer loop equals the IPC at every IPC
+    it lists (1, 10, 20, ..., 50; methods/dc.py AUTHORS_LOOPS; the objective refuses others)."""
+    per_iteration = int(ipc) if str(outer_loop) == "auto" else int(outer_loop)
+    return per_iteration * int(iterations)
 
 
 def register() -> None:
