@@ -30,13 +30,21 @@ FIXED_POOL = DIGITS + ["student=mlp", "loss=multi_teacher", "teacher.train.epoch
 CASES = {"kd": FIXED_KD, "bdkd": FIXED_ONLINE, "fitnet": FIXED_FEATURES,
          "multi_teacher": FIXED_POOL}
 
-# measured on the code before the task seam (commit d42fccb), one torch thread (conftest)
-PINNED = {"kd": {"weights": "cc5618d3f7c9ff83", "metrics": "f8f158e416942929"},
-          "bdkd": {"weights": "2f1c5ff4729e8689", "metrics": "e07fe8b9bee3724e"},
-          # re-pinned for RepDistiller's ConvReg regressor (a 1x1 conv on equal sizes, issue
-          # #18); `loss.regressor=ours` still gives a00062778107d758 / 977e1628dcd955bf
-          "fitnet": {"weights": "f908588bf4f44efa", "metrics": "327662e31429d83f"},
-          "multi_teacher": {"weights": "87ac78204f0604a7", "metrics": "b42e3e6212ba03b1"}}
+# measured on the code before the task seam (commit d42fccb), one torch thread (conftest), on
+# the CPU of this project's machines until 2026-11-30. The same code gives other bits on
+# another CPU (its kernels: instruction set, vendor); the second set was measured on an AVX2
+# AMD EPYC (2026-12-01) with the code of c4feee6, whose CI had passed on the first set. A run
+# must give one of the sets exactly: a change in what a run computes hits neither.
+PINNED_FIRST = {"kd": {"weights": "cc5618d3f7c9ff83", "metrics": "f8f158e416942929"},
+                "bdkd": {"weights": "2f1c5ff4729e8689", "metrics": "e07fe8b9bee3724e"},
+                # re-pinned for RepDistiller's ConvReg regressor (a 1x1 conv on equal sizes,
+                # issue #18); `loss.regressor=ours` still gives a00062778107d758 / 977e1628dcd955bf
+                "fitnet": {"weights": "f908588bf4f44efa", "metrics": "327662e31429d83f"},
+                "multi_teacher": {"weights": "87ac78204f0604a7", "metrics": "b42e3e6212ba03b1"}}
+PINNED_AMD_AVX2 = {"kd": {"weights": "f081b25c88fea337", "metrics": "54fd4045c5c86957"},
+                   "bdkd": {"weights": "2953af3207220197", "metrics": "ff6cdd025352b412"},
+                   "fitnet": {"weights": "ea1837067e190304", "metrics": "e34512262d0c8010"},
+                   "multi_teacher": {"weights": "3b2fe3948032c7c9", "metrics": "d3b79cbb3c512690"}}
 # what a run computed, not where or when: every test metric, the teacher's identity and source
 PINNED_PREFIXES = ("best/", "last/", "teacher/test/", "teachers/", "teacher/key",
                    "teacher/outputs", "teacher/source", "epochs", "step")
@@ -64,5 +72,5 @@ def test_classification_run_is_pinned_bit_for_bit(tmp_path, monkeypatch, name):
     metrics = pinned_metrics(summary)
     got = {"weights": weights_hash(last["model"]), "metrics": hashlib.sha256(
         json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:16]}
-    assert got == PINNED[name], (f"re-pin {name} with {got!r} (only if the change is meant); "
-                                 f"metrics: {metrics}")
+    assert got in (PINNED_FIRST[name], PINNED_AMD_AVX2[name]), (
+        f"re-pin {name} with {got!r} (only if the change is meant); metrics: {metrics}")
