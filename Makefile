@@ -53,6 +53,9 @@ test-slow: install data  ## also the slow, longer real-data tests
 bench: install data  ## speed benchmark (ratios side by side) -> benchmarks/results/speed.md
 	$(PY) benchmarks/bench_speed.py --out benchmarks/results/speed.md
 
+bench-allocator: install  ## glibc allocator settings off / on: ms a step and peak RSS -> benchmarks/results/allocator.md
+	$(PY) benchmarks/bench_allocator.py --out benchmarks/results/allocator.md
+
 bench-dd: install  ## dataset distillation: seconds and peak memory per set update, MTT's unroll -> benchmarks/results/dd_bench.md
 	$(PY) benchmarks/bench_dd.py --out benchmarks/results/dd_bench.md
 
@@ -68,4 +71,4 @@ bench-torchdistill: install data  ## KD speed vs torchdistill, same job (own ven
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install install-hf data run test test-slow bench bench-dd bench-lm bench-diffusion bench-torchdistill clean
+.PHONY: help install install-hf data run test test-slow bench bench-allocator bench-dd bench-lm bench-diffusion bench-torchdistill clean

@@ -210,7 +210,7 @@ def main() -> None:
         loader[mode] = median([runner(over, workdir, "if")["train/images_per_s"]
                                for _ in range(args.reps)])
 
-    # allocator settings of the entry point, in fresh processes (glibc reads them at start)
+    # allocator settings of the entry point (runs/allocator.py), in fresh processes
     malloc = {}
     for flag in ("0", "1"):
         out = []

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import signal
 import sys
 from pathlib import Path
@@ -131,23 +130,6 @@ def _composition_errors_exit_2(main) -> None:
         raise
 
 
-# glibc's defaults mmap and unmap PyTorch's large buffers on every step; these settings keep
-# them in the heap. glibc reads them only at process start, so with DISTILL_MALLOC_TUNING=1
-# `distill` re-executes itself once with them set. Opt-in, because measured on this project's
-# 2-core machine (torch 2.14.1) it changed nothing: KD live 2,394 vs 2,403 img/s
-# (benchmarks/results/speed.md), while the re-exec costs start-up time.
-MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-                 "MALLOC_TOP_PAD_": "268435456"}
-
-
-def tune_allocator() -> None:
-    if (os.environ.get("DISTILL_MALLOC_TUNING", "0") != "1" or platform.libc_ver()[0] != "glibc"
-            or any(k in os.environ for k in MALLOC_TUNING)):
-        return
-    os.environ.update(MALLOC_TUNING)
-    os.execv(sys.executable, sys.orig_argv)
-
-
 def _refuse_null_groups(argv: list[str]) -> None:
     """`recipe=null` (any config group set to null) makes Hydra fail with a traceback before it
     can report the override: say what to do instead, exit 2."""
@@ -234,7 +216,9 @@ def _continue_requeued_jobs(argv: list[str]) -> None:
 
 
 def distill_main() -> None:
-    tune_allocator()
+    from distill_cli.runs import allocator
+
+    allocator.tune()   # before torch allocates anything (runs/allocator.py: why)
     _join_torchrun(sys.argv[1:])
     _refuse_null_groups(sys.argv[1:])
     _check_sweeper(sys.argv[1:])

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from distill_cli.config.paths import CONF_DIR
+from distill_cli.runs import allocator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,6 +22,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # (tests that inspect the store point DISTILL_HOME at their own tmp_path).
 os.environ["DISTILL_HOME"] = tempfile.mkdtemp(prefix="distill-test-home-")
 torch.set_num_threads(1)  # pytest-xdist runs one worker per core
+allocator.tune()  # as `distill` does: in-process runs at the CLI's speed (runs/allocator.py)
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the `tokenizers` BPE trainer's threads, likewise
 
 # A tiny, fast run on sklearn digits (1x8x8, 10 classes): the integration tests' base.

@@ -195,13 +195,14 @@ def test_parallel_sweep_with_a_stored_teacher_and_its_report(tmp_path):
     assert by_loss["KD"]["gain"] == pytest.approx(sum(kd) / 2 - sum(ce) / 2)
 
 
-@pytest.mark.parametrize("flag", ["0", "1"])
-def test_entry_point_sets_the_allocator_when_asked(tmp_path, flag):
+@pytest.mark.parametrize("flag", ["0", "1", None])
+def test_entry_point_tunes_the_allocator_unless_told_not_to(tmp_path, flag):
     run_dir = tmp_path / "r"
-    env = {"DISTILL_MALLOC_TUNING": flag}
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {} if flag is None else {"DISTILL_MALLOC_TUNING": flag}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k != "DISTILL_MALLOC_TUNING"}
     proc = subprocess.run([DISTILL, *DIGITS, "student=mlp", "loss=ce", "trainer.epochs=1",
                            f"hydra.run.dir={run_dir}"], capture_output=True, text=True,
                           env={**clean, "WANDB_MODE": "disabled", **env}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((run_dir / "summary.json").read_text())["malloc_tuned"] is (flag == "1")
+    assert json.loads((run_dir / "summary.json").read_text())["malloc_tuned"] is (flag != "0")

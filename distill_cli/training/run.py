@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from distill_cli.evaluation.adversarial import pixel_stats, robust_accuracy
 from distill_cli.evaluation.privacy import membership_auc
 from distill_cli.io import atomic_write_bytes, read_json, remove_stale_tmp, write_json
 from distill_cli.reporting.tracking import ConsoleReporter, MetricsFile, NullLogger, SilentReporter
-from distill_cli.runs import checkpoint
+from distill_cli.runs import allocator, checkpoint
 from distill_cli.runs.directory import (RunFinished, check_run_dir, check_same_run,
                                         resolve_resume, run_dir_lock)
 from distill_cli.training.engine import Diverged, Engine, RunSinks
@@ -185,8 +184,7 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
                keys.WANDB_ID: logger.run_id, **teacher_info, keys.THREADS: threads,
                keys.CHANNELS_LAST: settings.channels_last, keys.WORLD_SIZE: world.size,
                keys.EVAL_VIEW: getattr(objective, "eval_view", "raw"),
-               # whether the allocator settings of `distill` (cli.MALLOC_TUNING) are in force
-               keys.MALLOC_TUNED: "MALLOC_MMAP_THRESHOLD_" in os.environ}
+               keys.MALLOC_TUNED: allocator.tuned()}   # runs/allocator.py
     forked_from = fork_record(resume_path, resumed) if fork else (
         resumed.get(keys.FORKED_FROM) if resumed is not None else None)
     if forked_from:   # a fork says so in its summary and in every checkpoint it writes
