@@ -29,7 +29,6 @@ from __future__ import annotations
 import difflib
 
 import torch
-import torchvision
 from torch import nn
 
 from distill_cli.errors import UserError
@@ -60,6 +59,10 @@ class TorchvisionNet(nn.Module):
 @register("tv")
 def build(num_classes: int, in_channels: int, input_size: tuple[int, ...], *, name: str,
           weights: str | None = None, **options) -> TorchvisionNet:
+    # imported here, not at the top: every `distill` start imported torchvision for this one
+    # architecture (~0.3 s of its own here, beside the torch._dynamo it shares with torch.optim)
+    import torchvision
+
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         close = difflib.get_close_matches(str(name), known, n=3)
@@ -85,6 +88,8 @@ def build(num_classes: int, in_channels: int, input_size: tuple[int, ...], *, na
 def _load(name: str, weights: str | None, num_classes: int, options: dict
           ) -> tuple[nn.Module, int]:
     """Build the network; returns it and how many classes its head has."""
+    import torchvision
+
     get_model = torchvision.models.get_model
     try:
         if weights is None:
