@@ -5,7 +5,7 @@ PyTorch takes every CPU tensor from malloc. glibc serves a request above its mma
 activation buffer of that size, allocated and freed every step, is page-faulted in again every
 step: on this project's 2-core VM a 33.5 MiB `clone()` (one 256 x 32 x 32 x 32 activation of the
 dataset-distillation evaluation's ConvNet) took 30.8 ms against 5.0 ms for a copy into a reused
-buffer, and the whole training step ran 2x slower (benchmarks/bench_allocator.py).
+buffer, and the whole training step took 1.8x as long (benchmarks/results/allocator.md).
 
 `tune()` sets malloc's parameters through `mallopt`, in this process, before the first large
 buffer: requests up to 64 MiB come from the heap (MMAP_THRESHOLD) and the heap keeps up to 256 MiB
