@@ -9,7 +9,7 @@
 set -u
 OUT=${1:-/tmp/ddtable_${RECIPE:-dd_fmnist_cpu}}
 RECIPE=${RECIPE:-dd_fmnist_cpu}
-METHODS=${METHODS:-"real dm datadam dc dsa mtt"}
+METHODS=${METHODS:-"real dm datadam dc dsa mtt sre2l cda"}
 IPCS=${IPCS:-"1 10"}
 IPCS_LATE=${IPCS_LATE:-"50"}                 # after every seed of IPCS
 METHODS_LATE=${METHODS_LATE:-"real dm datadam"}
@@ -17,12 +17,14 @@ SEEDS=${SEEDS:-"0 1 2"}
 source "$(dirname "$0")/lib.sh"
 mkdir -p "$OUT/.claims"
 set_run() { # method ipc seed
-  local m=$1 ipc=$2 seed=$3 loss=$1 extra=()
+  local m=$1 ipc=$2 seed=$3 loss=$1 recipe=$RECIPE extra=()
   # the seeded real start, never moved: one DM update at lr 1e-9 (the IPC 1 / 10 rows of
   # results/dd_fmnist.md ran 100; the sets differ by at most 1.4e-7, measured at IPC 1 seed 0)
   [ "$m" = real ] && loss=dm extra=(optimizer.lr=1e-9 task.iterations=1)
+  # SRe2L / CDA recover from a store teacher: the recipe's <recipe>_sre2l sibling (teacher, Adam)
+  case $m in sre2l|cda) recipe=${RECIPE}_sre2l ;; esac
   mkdir "$OUT/.claims/$m-ipc$ipc-s$seed" 2>/dev/null || return 0
-  one $m/ipc$ipc/s$seed recipe=$RECIPE loss=$loss student.ipc=$ipc seed=$seed logger=none \
+  one $m/ipc$ipc/s$seed recipe=$recipe loss=$loss student.ipc=$ipc seed=$seed logger=none \
     "${extra[@]}"
 }
 for m in $METHODS; do [ "$m" = mtt ] && set_run mtt ${IPCS%% *} ${SEEDS%% *}; done
