@@ -95,6 +95,16 @@ def test_recipe_composes_and_builds(recipe):
         assert student(x).shape == teacher(x).shape == (2, data.num_classes)
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_recipe_builds_its_optimizer_and_scheduler(recipe):
+    """What a recipe sets under `optimizer` is taken by the optimizer it composes to: an option of
+    another choice inherited from a recipe it extends (SGD's `momentum` under Adam) would be a
+    user error at the first step."""
+    cfg = make_cfg([f"recipe={recipe}"])
+    optimizer = build.build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(2))])
+    build.build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=3, epochs=2)
+
+
 def test_every_recipe_names_its_source():
     # the one check on a recipe file's text: its comments, which no composition carries
     for recipe in RECIPES:
