@@ -13,18 +13,18 @@ from __future__ import annotations
 import argparse
 
 import torch
+from omegaconf import OmegaConf
 
 from distill_cli.data.distilled import load, read_distilled
-from distill_cli.models import create
 from distill_cli.tasks.dataset_distill.protocol import Evaluator, Protocol
+from distill_cli.teachers.load import frozen_from_checkpoint
 
 
-def frozen_teacher(path: str, channels: int, hw) -> torch.nn.Module:
+def frozen_teacher(path: str, data) -> torch.nn.Module:
+    """The store checkpoint's model, through the runner's own loader (its checks included)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a store checkpoint: ours
-    options = {k: v for k, v in ckpt["model_config"].items() if k not in ("_target_", "arch")}
-    net = create(ckpt["model_config"]["arch"], ckpt["data"]["num_classes"], channels, hw, **options)
-    net.load_state_dict(ckpt["model"])
-    return net.eval().requires_grad_(False)
+    return frozen_from_checkpoint(OmegaConf.create(ckpt["model_config"]), ckpt, data, "cpu",
+                                  "--teacher")
 
 
 def test_predictions(net: torch.nn.Module, split, classes: int) -> tuple[float, list[int], int]:
@@ -59,7 +59,7 @@ def main() -> None:
                act="relu", pool="avgpool")
     modes = [("hard labels", None, {})]
     if args.teacher:
-        teacher = frozen_teacher(args.teacher, shape[0], shape[1:])
+        teacher = frozen_teacher(args.teacher, data)
         acc, _, _ = test_predictions(teacher, data.test, obj["num_classes"])
         print(f"teacher: test {acc:.2f}; on the set {teacher(images).argmax(1).tolist()} "
               f"(labels {labels.tolist()})")
