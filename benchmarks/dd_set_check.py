@@ -4,13 +4,19 @@ with the histogram of what each predicts (a network that predicts one class says
 than its accuracy does).
 
     python benchmarks/dd_set_check.py <run>/distilled.pt --teacher <store>/teachers/<key>/checkpoints/best.pt
-        [--root data] [--width 32] [--depth 3] [--epochs 300] [--dsa color_crop_cutout_scale_rotate]
+        [--root data] [--epochs 300] [--dsa color_crop_cutout_scale_rotate] [--seed 0]
+
+The evaluation protocol (network, epochs, augmentation, soft-label settings) and the seed are the
+run's own (`task.eval` in the set's `<run>/.hydra/config.yaml`); a set without its run falls back
+to the protocol's defaults with the CPU tables' ConvNet-3 width 32. The flags override either.
 
 Used for benchmarks/results/dd_mnist.md (SRe2L at 100 recover updates trained its networks to chance).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -39,36 +45,54 @@ def test_predictions(net: torch.nn.Module, split, classes: int) -> tuple[float, 
     return 100.0 * right / seen, torch.bincount(torch.cat(preds), minlength=classes).tolist(), seen
 
 
+CPU_TABLE_NET = dict(arch="convnet", width=32, depth=3, norm="instancenorm", act="relu",
+                     pool="avgpool")
+
+
+def run_protocol(set_path: str) -> tuple[Protocol, int]:
+    """The protocol and seed the set's run evaluated with (its composed Hydra config)."""
+    config = Path(set_path).parent / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return Protocol(net=dict(CPU_TABLE_NET), dsa_strategy="color_crop_cutout_scale_rotate"), 0
+    cfg = OmegaConf.load(config)
+    eval_node = cfg.task.eval
+    return Protocol.from_node(eval_node, OmegaConf.to_container(eval_node.net, resolve=True)), \
+        int(cfg.seed)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("set")
     ap.add_argument("--teacher")
     ap.add_argument("--root")
-    ap.add_argument("--width", type=int, default=32)
-    ap.add_argument("--depth", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=300)
-    ap.add_argument("--dsa", default="color_crop_cutout_scale_rotate")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, help="default: the run's task.eval.epochs")
+    ap.add_argument("--dsa", help="default: the run's task.eval.dsa_strategy")
+    ap.add_argument("--seed", type=int, help="default: the run's seed")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    protocol, seed = run_protocol(args.set)
+    if args.epochs is not None:
+        protocol = dataclasses.replace(protocol, epochs=args.epochs)
+    if args.dsa is not None:
+        protocol = dataclasses.replace(protocol, dsa_strategy=args.dsa)
+    seed = seed if args.seed is None else args.seed
     obj = read_distilled(args.set)
     data = load(args.set, root=args.root)
     images, labels = obj["images"], obj["labels"]
     shape = tuple(images.shape[1:])
-    net = dict(arch="convnet", width=args.width, depth=args.depth, norm="instancenorm",
-               act="relu", pool="avgpool")
-    modes = [("hard labels", None, {})]
+    lr = obj.get("lr") if protocol.use_learned_lr else None   # MTT's learned step size
+    modes = [("hard labels", None)]
     if args.teacher:
         teacher = frozen_teacher(args.teacher, data)
         acc, _, _ = test_predictions(teacher, data.test, obj["num_classes"])
         print(f"teacher: test {acc:.2f}; on the set {teacher(images).argmax(1).tolist()} "
               f"(labels {labels.tolist()})")
-        modes.append(("soft labels (T 20, AdamW 1e-3)", teacher,
-                      dict(temperature=20.0, lr=1e-3, weight_decay=0.01)))
-    for name, teacher, relabel in modes:
-        protocol = Protocol(net=net, epochs=args.epochs, dsa_strategy=args.dsa, relabel=relabel)
-        model = Evaluator(protocol, shape, obj["num_classes"], args.seed).train_one(
-            images.clone(), labels.clone(), 0, None, teacher)
+        modes.append((f"soft labels {protocol.relabel or '(defaults)'}", teacher))
+    print(f"protocol: {protocol.net}, {protocol.epochs} epochs, dsa {protocol.dsa_strategy!r}, "
+          f"seed {seed}")
+    for name, teacher in modes:
+        model = Evaluator(protocol, shape, obj["num_classes"], seed).train_one(
+            images.clone(), labels.clone(), 0, lr, teacher)
         acc, hist, seen = test_predictions(model, data.test, obj["num_classes"])
         print(f"{name}: test {acc:.2f} over {seen} images; predicted per class {hist}", flush=True)
 
