@@ -8,7 +8,8 @@ than its accuracy does).
 
 The evaluation protocol (network, epochs, augmentation, soft-label settings) and the seed are the
 run's own (`task.eval` in the set's `<run>/.hydra/config.yaml`); a set without its run falls back
-to the protocol's defaults with the CPU tables' ConvNet-3 width 32. The flags override either.
+to the protocol's defaults with the CPU tables' ConvNet-3 width 32 and the MNIST DSA strategy (no
+flip). The flags override either.
 
 Used for benchmarks/results/dd_mnist.md (SRe2L at 100 recover updates trained its networks to chance).
 """
