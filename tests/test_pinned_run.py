@@ -31,20 +31,32 @@ CASES = {"kd": FIXED_KD, "bdkd": FIXED_ONLINE, "fitnet": FIXED_FEATURES,
          "multi_teacher": FIXED_POOL}
 
 # measured on the code before the task seam (commit d42fccb), one torch thread (conftest), on
-# the CPU of this project's machines until 2026-11-30. The same code gives other bits on
-# another CPU (its kernels: instruction set, vendor); the second set was measured on an AVX2
-# AMD EPYC (2026-12-01) with the code of c4feee6, whose CI had passed on the first set. A run
-# must give one of the sets exactly: a change in what a run computes hits neither.
-PINNED_FIRST = {"kd": {"weights": "cc5618d3f7c9ff83", "metrics": "f8f158e416942929"},
-                "bdkd": {"weights": "2f1c5ff4729e8689", "metrics": "e07fe8b9bee3724e"},
-                # re-pinned for RepDistiller's ConvReg regressor (a 1x1 conv on equal sizes,
-                # issue #18); `loss.regressor=ours` still gives a00062778107d758 / 977e1628dcd955bf
-                "fitnet": {"weights": "f908588bf4f44efa", "metrics": "327662e31429d83f"},
-                "multi_teacher": {"weights": "87ac78204f0604a7", "metrics": "b42e3e6212ba03b1"}}
-PINNED_AMD_AVX2 = {"kd": {"weights": "f081b25c88fea337", "metrics": "54fd4045c5c86957"},
-                   "bdkd": {"weights": "2953af3207220197", "metrics": "ff6cdd025352b412"},
-                   "fitnet": {"weights": "ea1837067e190304", "metrics": "e34512262d0c8010"},
-                   "multi_teacher": {"weights": "3b2fe3948032c7c9", "metrics": "d3b79cbb3c512690"}}
+# the CPU of this project's machines until 2026-11-30 (an AVX-512 AMD EPYC gives the same bits,
+# 2026-12-02). The same code gives other bits on another CPU: its kernels (ATen's, oneDNN's,
+# MKL's) dispatch on the instruction set and vendor. Each later set was measured on a new CPU
+# with code whose CI had passed on the earlier sets. A run must give one of the sets exactly: a
+# change in what a run computes hits none of them.
+PINNED_BY_CPU = {
+    "first machine / AVX-512 AMD EPYC": {
+        "kd": {"weights": "cc5618d3f7c9ff83", "metrics": "f8f158e416942929"},
+        "bdkd": {"weights": "2f1c5ff4729e8689", "metrics": "e07fe8b9bee3724e"},
+        # re-pinned for RepDistiller's ConvReg regressor (a 1x1 conv on equal sizes, issue
+        # #18); `loss.regressor=ours` still gives a00062778107d758 / 977e1628dcd955bf
+        "fitnet": {"weights": "f908588bf4f44efa", "metrics": "327662e31429d83f"},
+        "multi_teacher": {"weights": "87ac78204f0604a7", "metrics": "b42e3e6212ba03b1"}},
+    # 2026-12-01, code of c4feee6
+    "AVX2 AMD EPYC": {
+        "kd": {"weights": "f081b25c88fea337", "metrics": "54fd4045c5c86957"},
+        "bdkd": {"weights": "2953af3207220197", "metrics": "ff6cdd025352b412"},
+        "fitnet": {"weights": "ea1837067e190304", "metrics": "e34512262d0c8010"},
+        "multi_teacher": {"weights": "3b2fe3948032c7c9", "metrics": "d3b79cbb3c512690"}},
+    # 2026-12-02, code of d467b36 (CI passed on the AVX-512 AMD EPYC the same day)
+    "AVX-512 Intel Xeon": {
+        "kd": {"weights": "78d0da5895f7ae41", "metrics": "4df825637793fe2f"},
+        "bdkd": {"weights": "387d86cf9b853c2f", "metrics": "089213b35f2f5a69"},
+        "fitnet": {"weights": "5978828f21675229", "metrics": "4452fc69181dc93b"},
+        "multi_teacher": {"weights": "8eb6d541531a375b", "metrics": "5ac423b5f7e749b1"}},
+}
 # what a run computed, not where or when: every test metric, the teacher's identity and source
 PINNED_PREFIXES = ("best/", "last/", "teacher/test/", "teachers/", "teacher/key",
                    "teacher/outputs", "teacher/source", "epochs", "step")
@@ -72,5 +84,16 @@ def test_classification_run_is_pinned_bit_for_bit(tmp_path, monkeypatch, name):
     metrics = pinned_metrics(summary)
     got = {"weights": weights_hash(last["model"]), "metrics": hashlib.sha256(
         json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:16]}
-    assert got in (PINNED_FIRST[name], PINNED_AMD_AVX2[name]), (
-        f"re-pin {name} with {got!r} (only if the change is meant); metrics: {metrics}")
+    assert got in [pins[name] for pins in PINNED_BY_CPU.values()], (
+        f"re-pin {name} with {got!r} (only if the change is meant, or add this CPU's set if the "
+        f"code's CI passed on the pinned CPUs: {cpu_model()}); metrics: {metrics}")
+
+
+def cpu_model() -> str:
+    """The CPU a failing pin ran on, for the message (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), "")
+    except OSError:
+        return ""
