@@ -43,7 +43,7 @@ run: install data  ## the main job: quickstart sweep (teacher once; CE, KD, DKD 
 	$(VENV)/bin/distill-report $$sweep --plot $$sweep/report.png && \
 	echo "report plot: $$sweep/report.png"
 
-test: install data  ## the test suite (~17–26 min on this project's 2 cores: parallel pass, then the multi-process tests; the slowest listed at the end); slow tests: make test-slow
+test: install data  ## the test suite (~12–26 min on this project's 2 cores: parallel pass, then the multi-process tests; the slowest listed at the end); slow tests: make test-slow
 	$(PY) -m pytest -q -n 2 -m "not slow and not serial" --durations=20 $(PYTEST_ARGS)
 	$(PY) -m pytest -q -m "serial and not slow" --durations=5 $(PYTEST_ARGS)
 
