@@ -86,14 +86,4 @@ def test_classification_run_is_pinned_bit_for_bit(tmp_path, monkeypatch, name):
         json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:16]}
     assert got in [pins[name] for pins in PINNED_BY_CPU.values()], (
         f"re-pin {name} with {got!r} (only if the change is meant, or add this CPU's set if the "
-        f"code's CI passed on the pinned CPUs: {cpu_model()}); metrics: {metrics}")
-
-
-def cpu_model() -> str:
-    """The CPU a failing pin ran on, for the message (Linux; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name")), "")
-    except OSError:
-        return ""
+        f"code's CI passed on the pinned CPUs: {summary['machine']}); metrics: {metrics}")

@@ -14,6 +14,7 @@ import torch
 
 from distill_cli.config import build
 from distill_cli.errors import UserError
+from distill_cli.runs import checkpoint
 from distill_cli.training.run import run
 from distill_cli.teachers.store import Store, content_key
 from distill_cli.teachers.build import teacher_description
@@ -269,3 +270,27 @@ def test_ctrl_c_during_a_teacher_build_keeps_it_for_the_next_run(tmp_path, home)
     listing = subprocess.run([str(BIN / "distill-teachers"), "--root", str(home), "list"],
                              capture_output=True, text=True)
     assert "1 unfinished build(s) (the next run that needs one continues it" in listing.stdout
+
+
+def test_an_entry_records_its_machine_and_reuse_elsewhere_says_so(tmp_path, home, capsys):
+    """Bits hold per kind of machine (CPU ISA / vendor, CUDA device, torch): the entry records
+    the kind that trained it, and reusing it on another kind says so on the reuse line."""
+    args = DIGITS + ["teacher=mlp", "student=mlp", "loss=kd", "teacher.train.epochs=1",
+                     "trainer.epochs=1"]
+    first = run(make_cfg(args), tmp_path / "a", tty=False)
+    here = checkpoint.machine_kind(torch.device("cpu"))
+    assert torch.__version__ in here and torch.backends.cpu.get_cpu_capability() in here
+    assert first["machine"] == here
+    store = Store(home, "teachers")
+    assert store.get(first["teacher/key"])["machine"] == here
+    capsys.readouterr()
+    run(make_cfg(args + ["seed=1"]), tmp_path / "b", tty=False)
+    line = [o for o in capsys.readouterr().out.splitlines() if "reusing stored teacher" in o]
+    assert len(line) == 1 and "another kind of machine" not in line[0]
+    entry_file = store.path(first["teacher/key"]) / "entry.json"
+    meta = json.loads(entry_file.read_text())
+    entry_file.write_text(json.dumps({**meta, "machine": "Some CPU (AVX2), torch 2.0.0"}))
+    run(make_cfg(args + ["seed=2"]), tmp_path / "c", tty=False)
+    line = [o for o in capsys.readouterr().out.splitlines() if "reusing stored teacher" in o]
+    assert len(line) == 1
+    assert line[0].endswith("on another kind of machine: Some CPU (AVX2), torch 2.0.0)")

@@ -11,6 +11,7 @@ the runner.
 """
 from __future__ import annotations
 
+import platform
 import subprocess
 from collections.abc import Mapping
 from functools import lru_cache
@@ -149,3 +150,31 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def machine_kind(device: torch.device) -> str:
+    """The kind of machine whose kernels compute a run on `device`, e.g. "Intel(R) Xeon(R)
+    Processor (AVX512), torch 2.14.1" or "NVIDIA H200, CUDA 12.8, torch 2.14.1".
+
+    Runs are bit-exact within one kind, not across: torch's, oneDNN's and MKL's CPU kernels
+    pick their code by instruction set (ATen's capability, named here) and vendor (in the
+    model name), CUDA's by device and toolkit. Recorded so that a different number can be
+    traced to a different machine rather than to the code.
+    """
+    if device.type == "cuda":
+        return (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+                f"torch {torch.__version__}")
+    return f"{_cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}"
+
+
+@lru_cache(maxsize=1)
+def _cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
