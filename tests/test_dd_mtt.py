@@ -22,6 +22,7 @@ from distill_cli.data.augment import normalize
 from distill_cli.data.digits import build as digits
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext
+from distill_cli.runs import checkpoint
 from distill_cli.seeding import derive_seed
 from distill_cli.tasks.dataset_distill import experts as ex
 from distill_cli.tasks.dataset_distill.methods.mtt import (
@@ -186,6 +187,23 @@ def test_experts_are_trained_once_and_reused(root, data):
         assert not torch.equal(traj[1], traj[0])   # it moved
     assert not torch.equal(again.trajectories[0], again.trajectories[1])
     assert not list((root / "experts").glob(".tmp-*"))
+
+
+def test_experts_record_their_machine_and_reuse_elsewhere_says_so(root, data):
+    """Like a stored teacher: the entry records the kind of machine that trained the
+    trajectories, and reusing them on another kind says so (other last bits there)."""
+    recipe = ex.ExpertRecipe.from_node(TINY)
+    lines: list[str] = []
+    key = ex.build_experts(root, data, NET, recipe, log=lines.append).key
+    entry_file = root / "experts" / key / "entry.json"
+    meta = json.loads(entry_file.read_text())
+    assert meta["machine"] == checkpoint.machine_kind("cpu") and lines[0].endswith("mean)")
+    try:
+        entry_file.write_text(json.dumps({**meta, "machine": "Some CPU (AVX2), torch 2.0.0"}))
+        ex.build_experts(root, data, NET, recipe, log=lines.append)
+        assert lines[1].endswith("mean on another kind of machine: Some CPU (AVX2), torch 2.0.0)")
+    finally:   # the module's store is shared by the tests after this one
+        entry_file.write_text(json.dumps(meta))
 
 
 def test_the_key_follows_every_setting_that_changes_the_trajectories(data):

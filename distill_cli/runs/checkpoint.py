@@ -152,7 +152,7 @@ def git_revision() -> str:
     return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
 
 
-def machine_kind(device: torch.device) -> str:
+def machine_kind(device: torch.device | str) -> str:
     """The kind of machine whose kernels compute a run on `device`, e.g. "Intel(R) Xeon(R)
     Processor (AVX512), torch 2.14.1" or "NVIDIA H200, CUDA 12.8, torch 2.14.1".
 
@@ -161,10 +161,21 @@ def machine_kind(device: torch.device) -> str:
     model name), CUDA's by device and toolkit. Recorded so that a different number can be
     traced to a different machine rather than to the code.
     """
+    device = torch.device(device)
     if device.type == "cuda":
         return (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
                 f"torch {torch.__version__}")
     return f"{_cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}"
+
+
+def trained_elsewhere(recorded, device: torch.device | str) -> str:
+    """For a stored artifact's reuse line (a teacher, MTT's experts): `" on another kind of
+    machine: <kind>"` when the kind that trained it (`recorded`, its entry's `machine`) is not
+    this run's — trained here, the same store key would hold other last bits — else "" (the
+    same kind, or an entry written before entries recorded it)."""
+    if not isinstance(recorded, str) or recorded == machine_kind(device):
+        return ""
+    return f" on another kind of machine: {recorded}"
 
 
 @lru_cache(maxsize=1)

@@ -82,7 +82,8 @@ def from_store(node: DictConfig, data, device, reporter, access: StoreAccess,
                 meta = _train_into_store(node, data, store, key, desc, reporter, access, role)
     if hit:
         reporter.stage(f"{role} {node.arch}: reusing stored teacher {key} "
-                       f"({score_text(meta)}, trained {meta['created']}{elsewhere(meta, device)})")
+                       f"({score_text(meta)}, trained {meta['created']}"
+                       f"{checkpoint.trained_elsewhere(meta.get('machine'), device)})")
     best = store.path(key) / "checkpoints" / "best.pt"
     fix = (f"The stored teacher is damaged: remove it with `{prune_command(access.root, key)}` "
            "and run again (the store trains it anew)")
@@ -182,15 +183,6 @@ def _train_into_store(node: DictConfig, data, store: Store, key: str, desc: dict
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "git": summary[keys.GIT],
             "machine": summary.get(keys.MACHINE)}
     return store.publish(key, staging, meta)
-
-
-def elsewhere(meta: dict, device) -> str:
-    """For the reuse line: the machine an entry was trained on, when it is another kind than
-    this run's — trained here, the same key would hold other last bits (and other numbers)."""
-    trained_on = meta.get("machine")
-    if not isinstance(trained_on, str) or trained_on == checkpoint.machine_kind(device):
-        return ""   # the same kind, or an entry written before entries recorded it
-    return f" on another kind of machine: {trained_on}"
 
 
 def test_record(summary: dict) -> dict:
