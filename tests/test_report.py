@@ -241,3 +241,28 @@ def test_one_value_spelt_two_ways_is_one_group(tmp_path):
     assert set(rows) == {"trainer.channels_last=true", "trainer.channels_last=false"}
     assert rows["trainer.channels_last=true"]["n"] == 3
     assert rows["trainer.channels_last=true"]["seeds"] == [0, 1, 2]
+
+
+def test_runs_from_several_kinds_of_machine_get_a_note_on_stderr(sweep, capsys):
+    """Single runs' numbers differ by machine kind (the kernels' last bits): a table mixing
+    kinds says so, on stderr, so that a md / csv / json table on stdout still parses."""
+    run_cli(capsys, sweep, "--format", "md")
+    assert "kinds of machine" not in capsys.readouterr().err   # no `machine` recorded: silent
+    summaries = sorted(sweep.glob("*/summary.json"))
+    for i, path in enumerate(summaries):
+        summary = json.loads(path.read_text())
+        summary["machine"] = "CPU A (AVX512), torch 2.14.1" if i % 3 else "CPU B (AVX2), torch 2.14.1"
+        path.write_text(json.dumps(summary))
+    report_main([str(sweep), "--format", "md"])
+    out, err = capsys.readouterr()
+    assert out.startswith("| config |") and "kinds of machine" not in out
+    finished = [json.loads(p.read_text()) for p in summaries]
+    a = sum(1 for i, s in enumerate(finished) if s["status"] == "finished" and i % 3)
+    b = sum(1 for i, s in enumerate(finished) if s["status"] == "finished" and not i % 3)
+    assert "2 kinds of machine (" in err and a and b
+    assert f"{a} on CPU A (AVX512), torch 2.14.1" in err and f"{b} on CPU B (AVX2)" in err
+    for path in summaries:   # one kind again: silent
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps({**summary, "machine": "CPU A (AVX512), torch 2.14.1"}))
+    report_main([str(sweep), "--format", "md"])
+    assert "kinds of machine" not in capsys.readouterr().err

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import statistics
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,6 +372,20 @@ def grids(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def machines_note(runs: list[Run]) -> str:
+    """A warning when finished runs come from more than one kind of machine (summary
+    `machine`): their last bits, and so single runs' numbers, differ by machine, whatever the
+    code (README, The main job). "" for one kind, or runs written before summaries held it."""
+    kinds = Counter(r.summary[keys.MACHINE] for r in runs
+                    if isinstance(r.summary.get(keys.MACHINE), str))
+    if len(kinds) < 2:
+        return ""
+    listed = "; ".join(f"{n} on {kind}" for kind, n in kinds.most_common())
+    return (f"note: these runs ran on {len(kinds)} kinds of machine ({listed}); the same config "
+            "and seed give other numbers on another kind, so compare means over seeds, or "
+            "rerun on one kind")
+
+
 def report(paths, metric: str = MAIN_METRIC, sort: str | None = None, reverse: bool = False,
            fmt: str = "table", plot_to: Path | None = None,
            grids_to: Path | None = None) -> list[dict]:
@@ -395,6 +410,9 @@ def report(paths, metric: str = MAIN_METRIC, sort: str | None = None, reverse: b
         print_table(rows, metric, title=f"{len(runs)} runs, {len(rows)} configs")
     else:
         print(render(rows, fmt, metric), end="")
+    note = machines_note(finished)
+    if note:   # on stderr: a md / csv / json table on stdout stays parseable
+        print(note, file=sys.stderr)
     if plot_to is not None:
         plot(rows, Path(plot_to), metric)
     if grids_to is not None:
