@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from distill_cli.config import build  # noqa: E402
 from distill_cli.runs import checkpoint  # noqa: E402
+from distill_cli.runs import provenance  # noqa: E402
 from distill_cli.config.paths import CONF_DIR  # noqa: E402
 from distill_cli.data.bundle import epoch_order  # noqa: E402
 from distill_cli.training.run import run  # noqa: E402
@@ -246,8 +246,7 @@ def main() -> None:
     data_gib = sum(t.numel() * t.element_size() for t in (data.train.x, data.val.x,
                                                            data.test.x)) / 2**30
     med = {k: median(v) for k, v in results.items()}
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor())
+    cpu = provenance.cpu_model()
     lines = [
         "# Speed benchmark (Fashion-MNIST, `cnn` teacher -> `cnn_small` student)", "",
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",

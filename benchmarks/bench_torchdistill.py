@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from distill_cli import keys  # noqa: E402
 from distill_cli.errors import UserError  # noqa: E402
 from distill_cli.io import atomic_write_bytes, read_json  # noqa: E402
+from distill_cli.runs import provenance  # noqa: E402
 
 TD_DIR = REPO / "benchmarks" / "torchdistill"
 TD_VENV = REPO / "benchmarks" / ".venv-torchdistill"
@@ -253,8 +254,7 @@ def check_same_teacher(ours: float | None, td: float) -> None:
 
 
 def report(args, med: dict, acc: dict, versions: dict, prep: dict) -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor())
+    cpu = provenance.cpu_model()
     n_train = args.limit or 54000
     cols = list(FORMATS)
     lines = [

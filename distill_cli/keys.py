@@ -27,7 +27,7 @@ BEST_EPOCH = "best/epoch"  # epoch whose val metric selected best.pt
 RUN_DIR = "run_dir"  # the run's directory, as a string
 GIT = "git"  # git revision of the code that trained the run (None outside a checkout)
 MACHINE = "machine"  # the kind of machine whose kernels computed the run (CPU model and ISA or
-# CUDA device, torch version): runs are bit-exact within one kind (runs/checkpoint.machine_kind)
+# CUDA device, torch version): runs are bit-exact within one kind (runs/provenance.machine_kind)
 OVERRIDES = "overrides"  # the Hydra command-line overrides of the run, a list of strings
 ERROR = "error"  # "<ExceptionType>: <message>" of a failed run, at most 500 characters
 WANDB_ID = "wandb_id"  # W&B run id (None without W&B); checkpoints hold it to resume the run

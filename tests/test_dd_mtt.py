@@ -22,7 +22,7 @@ from distill_cli.data.augment import normalize
 from distill_cli.data.digits import build as digits
 from distill_cli.errors import UserError
 from distill_cli.losses.base import StepContext
-from distill_cli.runs import checkpoint
+from distill_cli.runs import provenance
 from distill_cli.seeding import derive_seed
 from distill_cli.tasks.dataset_distill import experts as ex
 from distill_cli.tasks.dataset_distill.methods.mtt import (
@@ -197,7 +197,7 @@ def test_experts_record_their_machine_and_reuse_elsewhere_says_so(root, data):
     key = ex.build_experts(root, data, NET, recipe, log=lines.append).key
     entry_file = root / "experts" / key / "entry.json"
     meta = json.loads(entry_file.read_text())
-    assert meta["machine"] == checkpoint.machine_kind("cpu") and lines[0].endswith("mean)")
+    assert meta["machine"] == provenance.machine_kind("cpu") and lines[0].endswith("mean)")
     try:
         entry_file.write_text(json.dumps({**meta, "machine": "Some CPU (AVX2), torch 2.0.0"}))
         ex.build_experts(root, data, NET, recipe, log=lines.append)

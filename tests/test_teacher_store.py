@@ -14,7 +14,7 @@ import torch
 
 from distill_cli.config import build
 from distill_cli.errors import UserError
-from distill_cli.runs import checkpoint
+from distill_cli.runs import provenance
 from distill_cli.training.run import run
 from distill_cli.teachers.store import Store, content_key
 from distill_cli.teachers.build import teacher_description
@@ -278,7 +278,7 @@ def test_an_entry_records_its_machine_and_reuse_elsewhere_says_so(tmp_path, home
     args = DIGITS + ["teacher=mlp", "student=mlp", "loss=kd", "teacher.train.epochs=1",
                      "trainer.epochs=1"]
     first = run(make_cfg(args), tmp_path / "a", tty=False)
-    here = checkpoint.machine_kind(torch.device("cpu"))
+    here = provenance.machine_kind(torch.device("cpu"))
     assert torch.__version__ in here and torch.backends.cpu.get_cpu_capability() in here
     assert first["machine"] == here
     store = Store(home, "teachers")

@@ -20,7 +20,7 @@ from distill_cli import keys
 from distill_cli.config.build import TEACHER_SOURCE_KEYS
 from distill_cli.errors import UserError
 from distill_cli.io import read_json, sha256_file, write_json
-from distill_cli.runs import checkpoint
+from distill_cli.runs import checkpoint, provenance
 from distill_cli.runs.directory import LAST
 from distill_cli.tasks.classification.evaluate import predict
 from distill_cli.teachers.load import frozen_from_checkpoint
@@ -83,7 +83,7 @@ def from_store(node: DictConfig, data, device, reporter, access: StoreAccess,
     if hit:
         reporter.stage(f"{role} {node.arch}: reusing stored teacher {key} "
                        f"({score_text(meta)}, trained {meta['created']}"
-                       f"{checkpoint.trained_elsewhere(meta.get('machine'), device)})")
+                       f"{provenance.trained_elsewhere(meta.get('machine'), device)})")
     best = store.path(key) / "checkpoints" / "best.pt"
     fix = (f"The stored teacher is damaged: remove it with `{prune_command(access.root, key)}` "
            "and run again (the store trains it anew)")

@@ -31,7 +31,7 @@ from distill_cli.evaluation.adversarial import pixel_stats, robust_accuracy
 from distill_cli.evaluation.privacy import membership_auc
 from distill_cli.io import atomic_write_bytes, read_json, remove_stale_tmp, write_json
 from distill_cli.reporting.tracking import ConsoleReporter, MetricsFile, NullLogger, SilentReporter
-from distill_cli.runs import allocator, checkpoint
+from distill_cli.runs import allocator, checkpoint, provenance
 from distill_cli.runs.directory import (RunFinished, check_run_dir, check_same_run,
                                         resolve_resume, run_dir_lock)
 from distill_cli.training.engine import Diverged, Engine, RunSinks
@@ -177,7 +177,7 @@ def _run_in(cfg: DictConfig, run_dir: Path, tty, data, resume_hint, world: World
     summary = {keys.STATUS: "running", keys.TASK: task.name,
                keys.SELECTION_METRIC: task.selection_metric, keys.SEED: int(cfg.seed),
                keys.OVERRIDES: overrides,
-               keys.GIT: checkpoint.git_revision(), keys.MACHINE: checkpoint.machine_kind(device),
+               keys.GIT: provenance.git_revision(), keys.MACHINE: provenance.machine_kind(device),
                keys.RUN_DIR: str(run_dir),
                keys.DATASET: data.name, keys.STUDENT: cfg.student.arch,
                keys.TEACHER_ARCH: cfg.teacher.get("arch"),

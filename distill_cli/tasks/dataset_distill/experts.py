@@ -49,7 +49,7 @@ from distill_cli.data.augment import normalize
 from distill_cli.data.bundle import DATA_VERSION
 from distill_cli.errors import UserError
 from distill_cli.io import atomic_write_bytes, blocking_file, read_json, write_json
-from distill_cli.runs import checkpoint
+from distill_cli.runs import provenance
 from distill_cli.seeding import derive_seed
 from distill_cli.tasks.dataset_distill import dsa
 from distill_cli.tasks.dataset_distill.nets import build_net, flat_params
@@ -357,7 +357,7 @@ def build_experts(root, data, net_node: dict, recipe: ExpertRecipe, device="cpu"
     if not trained:
         log(f"experts {key}: reusing {recipe.num} stored trajectories "
             f"(test acc1 {_mean(meta.get('test_acc1')):.2f} mean"
-            f"{checkpoint.trained_elsewhere(meta.get('machine'), device)})")
+            f"{provenance.trained_elsewhere(meta.get('machine'), device)})")
     return Experts(key, path, _load(path, recipe, params), meta, trained)
 
 
@@ -405,7 +405,7 @@ def _train_into(kind_dir: Path, key: str, desc: dict, data, net_node: dict,
             "key": key, "num": recipe.num, "epochs": recipe.epochs, "params": params,
             "test_acc1": accs, "description": desc,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "machine": checkpoint.machine_kind(device)}
+            "machine": provenance.machine_kind(device)}
     write_json(staging / ENTRY_FILE, meta)
     final = kind_dir / key
     if final.exists():   # a leftover without entry.json
